@@ -1,0 +1,500 @@
+//! Equivalence of parsed answers. See the module documentation of
+//! [`super`] for the numeric rules; this file applies them recursively
+//! through collections and relations.
+
+use std::collections::BTreeSet;
+
+use num_bigint::BigInt;
+use num_integer::Integer;
+use num_rational::BigRational;
+use num_traits::{Signed, Zero};
+
+use super::eval::{Evaluator, Limits, Value};
+use super::parse::{choice_letter, Constant, Expr, RelOp};
+use super::{Deadline, MathOptions, Rule, TimedOut};
+
+/// Sample values for free variables: irregular, of both signs, away from
+/// small integers so that distinct polynomials rarely agree by accident.
+const SAMPLES: [f64; 10] = [
+    0.537_7, 1.833_9, -2.258_8, 0.862_2, 0.318_8, -1.307_7, -0.433_6, 0.342_6, 3.578_4, 2.769_4,
+];
+/// Sample points evaluated per comparison.
+const SAMPLE_POINTS: usize = 8;
+/// Values this close to zero are compared absolutely.
+const ZERO_EPS: f64 = 1e-12;
+
+/// What an equivalence decision returns: equal or not, and the rule used.
+pub(crate) type Decision = Result<(bool, Rule), TimedOut>;
+
+/// Shared state of one comparison.
+pub(crate) struct Ctx<'a> {
+    deadline: &'a Deadline,
+    limits: Limits,
+    rel_tol: f64,
+}
+
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(deadline: &'a Deadline, opts: &MathOptions) -> Self {
+        Self {
+            deadline,
+            limits: Limits {
+                max_bits: opts.max_exact_bits,
+                max_factorial: opts.max_factorial,
+            },
+            rel_tol: opts.rel_tol,
+        }
+    }
+
+    fn evaluator<'b>(&'b self, env: &'b [(String, f64)]) -> Evaluator<'b> {
+        Evaluator {
+            deadline: self.deadline,
+            limits: self.limits,
+            env,
+        }
+    }
+}
+
+/// Compares two answers; when exactly one carried a percent sign and they
+/// differ, retries with that side divided by 100.
+pub(crate) fn with_percent(
+    gold: &Expr,
+    gold_percent: bool,
+    pred: &Expr,
+    pred_percent: bool,
+    cx: &Ctx,
+) -> Decision {
+    let first = equivalent(gold, pred, cx)?;
+    if first.0 || gold_percent == pred_percent {
+        return Ok(first);
+    }
+    let hundred = Expr::Num {
+        value: BigRational::from_integer(BigInt::from(100)),
+        places: 0,
+    };
+    let scaled = |e: &Expr| Expr::Div(Box::new(e.clone()), Box::new(hundred.clone()));
+    let retry = if gold_percent {
+        equivalent(&scaled(gold), pred, cx)?
+    } else {
+        equivalent(gold, &scaled(pred), cx)?
+    };
+    Ok(if retry.0 {
+        (true, Rule::PercentScaled)
+    } else {
+        first
+    })
+}
+
+/// Whether `a` and `b` denote the same answer.
+pub(crate) fn equivalent(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
+    cx.deadline.check()?;
+    match (a, b) {
+        (Expr::Choice(x), Expr::Choice(y)) => Ok((x == y, Rule::ChoiceEqual)),
+        (Expr::Choice(x), other) | (other, Expr::Choice(x)) => Ok((
+            leading_choice(other).is_some_and(|y| y == *x),
+            Rule::ChoiceEqual,
+        )),
+        (Expr::Text(x), Expr::Text(y)) => Ok((squash(x) == squash(y), Rule::TextEqual)),
+        (Expr::Text(_), _) | (_, Expr::Text(_)) => Ok((false, Rule::KindMismatch)),
+        (Expr::Relation(..), _) | (_, Expr::Relation(..)) => relation_pair(a, b, cx),
+        _ => collection_pair(a, b, cx),
+    }
+}
+
+fn collection_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
+    match (a, b) {
+        (Expr::Set(x), Expr::Set(y) | Expr::List(y))
+        | (Expr::List(x), Expr::Set(y) | Expr::List(y)) => unordered(x, y, cx),
+        (Expr::Tuple(x), Expr::Tuple(y) | Expr::List(y)) | (Expr::List(x), Expr::Tuple(y)) => {
+            ordered(x, y, cx)
+        }
+        (Expr::Union(x), Expr::Union(y)) => unordered(x, y, cx),
+        (Expr::Union(x), other) | (other, Expr::Union(x)) if x.len() == 1 => {
+            equivalent(&x[0], other, cx)
+        }
+        _ => match (as_interval(a), as_interval(b)) {
+            (Some(x), Some(y)) if is_interval(a) || is_interval(b) => interval_pair(&x, &y, cx),
+            _ if is_collection(a) || is_collection(b) => Ok((false, Rule::KindMismatch)),
+            _ => scalar_pair(a, b, cx),
+        },
+    }
+}
+
+fn is_collection(e: &Expr) -> bool {
+    matches!(
+        e,
+        Expr::Set(_) | Expr::Tuple(_) | Expr::List(_) | Expr::Interval { .. } | Expr::Union(_)
+    )
+}
+
+fn is_interval(e: &Expr) -> bool {
+    matches!(e, Expr::Interval { .. })
+}
+
+/// The choice letter leading an answer such as `B` or `(B) 12`, which
+/// parses as a product whose leftmost factor is the letter.
+fn leading_choice(e: &Expr) -> Option<char> {
+    match e {
+        Expr::Var(name) => choice_letter(name),
+        Expr::Mul(first, _) => leading_choice(first),
+        _ => None,
+    }
+}
+
+fn squash(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// Elements matched greedily one-to-one in any order.
+fn unordered(x: &[Expr], y: &[Expr], cx: &Ctx) -> Decision {
+    if x.len() != y.len() {
+        return Ok((false, Rule::SetEqual));
+    }
+    let mut used = vec![false; y.len()];
+    for item in x {
+        let mut found = false;
+        for (j, other) in y.iter().enumerate() {
+            if !used[j] && equivalent(item, other, cx)?.0 {
+                used[j] = true;
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return Ok((false, Rule::SetEqual));
+        }
+    }
+    Ok((true, Rule::SetEqual))
+}
+
+fn ordered(x: &[Expr], y: &[Expr], cx: &Ctx) -> Decision {
+    if x.len() != y.len() {
+        return Ok((false, Rule::TupleEqual));
+    }
+    for (p, q) in x.iter().zip(y) {
+        if !equivalent(p, q, cx)?.0 {
+            return Ok((false, Rule::TupleEqual));
+        }
+    }
+    Ok((true, Rule::TupleEqual))
+}
+
+/// An interval view: real intervals, and two-element tuples read as open
+/// intervals (`(1, 2)` is ambiguous between the two).
+struct IntervalView<'e> {
+    left_closed: bool,
+    lo: &'e Expr,
+    hi: &'e Expr,
+    right_closed: bool,
+}
+
+fn as_interval(e: &Expr) -> Option<IntervalView<'_>> {
+    match e {
+        Expr::Interval {
+            left_closed,
+            lo,
+            hi,
+            right_closed,
+        } => Some(IntervalView {
+            left_closed: *left_closed,
+            lo,
+            hi,
+            right_closed: *right_closed,
+        }),
+        Expr::Tuple(items) if items.len() == 2 => Some(IntervalView {
+            left_closed: false,
+            lo: &items[0],
+            hi: &items[1],
+            right_closed: false,
+        }),
+        _ => None,
+    }
+}
+
+fn interval_pair(x: &IntervalView, y: &IntervalView, cx: &Ctx) -> Decision {
+    let ends_match = x.left_closed == y.left_closed && x.right_closed == y.right_closed;
+    let equal = ends_match && equivalent(x.lo, y.lo, cx)?.0 && equivalent(x.hi, y.hi, cx)?.0;
+    Ok((equal, Rule::IntervalEqual))
+}
+
+/// Relations: `x = 3` against a bare `3` compares the right-hand side;
+/// `x > 3` against an interval compares `(3, \infty)`; two relations are
+/// compared after rewriting `<`/`\le` as `>`/`\ge` with sides swapped.
+fn relation_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
+    match (a, b) {
+        (Expr::Relation(l1, op1, r1), Expr::Relation(l2, op2, r2)) => {
+            let (l1, op1, r1) = canonical(l1, *op1, r1);
+            let (l2, op2, r2) = canonical(l2, *op2, r2);
+            if op1 != op2 {
+                return Ok((false, Rule::RelationEqual));
+            }
+            if equivalent(l1, l2, cx)?.0 && equivalent(r1, r2, cx)?.0 {
+                return Ok((true, Rule::RelationEqual));
+            }
+            let symmetric = matches!(op1, RelOp::Eq | RelOp::Ne);
+            let swapped = symmetric && equivalent(l1, r2, cx)?.0 && equivalent(r1, l2, cx)?.0;
+            Ok((swapped, Rule::RelationEqual))
+        }
+        (Expr::Relation(l, op, r), other) | (other, Expr::Relation(l, op, r)) => {
+            relation_vs_value(l, *op, r, other, cx)
+        }
+        _ => Ok((false, Rule::KindMismatch)),
+    }
+}
+
+fn relation_vs_value(l: &Expr, op: RelOp, r: &Expr, other: &Expr, cx: &Ctx) -> Decision {
+    let value_side = match (l, r) {
+        (Expr::Var(_), _) => r,
+        (_, Expr::Var(_)) => l,
+        _ => return Ok((false, Rule::KindMismatch)),
+    };
+    if op == RelOp::Eq {
+        return equivalent(value_side, other, cx);
+    }
+    let Some(interval) = relation_interval(l, op, r) else {
+        return Ok((false, Rule::KindMismatch));
+    };
+    equivalent(&interval, other, cx)
+}
+
+/// `x > a` as `(a, \infty)`, `a \ge x` as `(-\infty, a]`, and so on.
+fn relation_interval(l: &Expr, op: RelOp, r: &Expr) -> Option<Expr> {
+    let (_, op, bound) = match (l, r) {
+        (Expr::Var(_), _) => (l, op, r),
+        (_, Expr::Var(_)) => (r, flip(op), l),
+        _ => return None,
+    };
+    let inf = || Box::new(Expr::Const(Constant::Infinity));
+    let neg_inf = || Box::new(Expr::Neg(inf()));
+    let bound = Box::new(bound.clone());
+    let (left_closed, lo, hi, right_closed) = match op {
+        RelOp::Gt => (false, bound, inf(), false),
+        RelOp::Ge => (true, bound, inf(), false),
+        RelOp::Lt => (false, neg_inf(), bound, false),
+        RelOp::Le => (false, neg_inf(), bound, true),
+        RelOp::Eq | RelOp::Ne => return None,
+    };
+    Some(Expr::Interval {
+        left_closed,
+        lo,
+        hi,
+        right_closed,
+    })
+}
+
+fn flip(op: RelOp) -> RelOp {
+    match op {
+        RelOp::Lt => RelOp::Gt,
+        RelOp::Le => RelOp::Ge,
+        RelOp::Gt => RelOp::Lt,
+        RelOp::Ge => RelOp::Le,
+        other => other,
+    }
+}
+
+fn canonical<'e>(l: &'e Expr, op: RelOp, r: &'e Expr) -> (&'e Expr, RelOp, &'e Expr) {
+    match op {
+        RelOp::Lt | RelOp::Le => (r, flip(op), l),
+        _ => (l, op, r),
+    }
+}
+
+/// Scalars: infinities, then exact values, then approximate values, then
+/// sample points for free variables, then printed structure.
+fn scalar_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
+    match (infinity_sign(a), infinity_sign(b)) {
+        (None, None) => {}
+        (x, y) => return Ok((x == y, Rule::StructuralEqual)),
+    }
+    let ev = cx.evaluator(&[]);
+    let (va, vb) = (ev.eval(a)?, ev.eval(b)?);
+    if let (Some(va), Some(vb)) = (&va, &vb) {
+        if let Some(decision) = compare_values(a, va, b, vb, cx) {
+            return Ok(decision);
+        }
+    }
+    if let Some(decision) = sample_compare(a, b, cx)? {
+        return Ok(decision);
+    }
+    Ok((a.to_string() == b.to_string(), Rule::StructuralEqual))
+}
+
+fn infinity_sign(e: &Expr) -> Option<i8> {
+    match e {
+        Expr::Const(Constant::Infinity) => Some(1),
+        Expr::Neg(inner) => infinity_sign(inner).map(|s| -s),
+        _ => None,
+    }
+}
+
+/// Compares two evaluated scalars; `None` when neither exact nor
+/// floating-point comparison applies (values out of `f64` range).
+fn compare_values(a: &Expr, va: &Value, b: &Expr, vb: &Value, cx: &Ctx) -> Option<(bool, Rule)> {
+    if let (Value::Exact(x), Value::Exact(y)) = (va, vb) {
+        if x == y {
+            return Some((true, Rule::RationalEqual));
+        }
+        if rounds_to(a, y) || rounds_to(b, x) {
+            return Some((true, Rule::DecimalRounding));
+        }
+        return Some((false, Rule::RationalEqual));
+    }
+    let (x, y) = (va.to_f64()?, vb.to_f64()?);
+    if close(x, y, cx.rel_tol) {
+        return Some((true, Rule::NumericTolerance));
+    }
+    if rounds_to_approx(a, y) || rounds_to_approx(b, x) {
+        return Some((true, Rule::DecimalRounding));
+    }
+    Some((false, Rule::NumericTolerance))
+}
+
+fn close(x: f64, y: f64, rel_tol: f64) -> bool {
+    if x.abs() < ZERO_EPS || y.abs() < ZERO_EPS {
+        return (x - y).abs() < ZERO_EPS;
+    }
+    (x - y).abs() <= rel_tol * x.abs().max(y.abs())
+}
+
+/// A decimal literal with at least two digits after the point, with sign.
+fn decimal_literal(e: &Expr) -> Option<(BigRational, u32)> {
+    match e {
+        Expr::Num { value, places } if *places >= 2 => Some((value.clone(), *places)),
+        Expr::Neg(inner) => decimal_literal(inner).map(|(v, p)| (-v, p)),
+        _ => None,
+    }
+}
+
+/// Whether the decimal literal `lit` is `value` rounded to the literal's
+/// number of digits, for a `value` that is not a terminating decimal.
+fn rounds_to(lit: &Expr, value: &BigRational) -> bool {
+    let Some((d, places)) = decimal_literal(lit) else {
+        return false;
+    };
+    if terminates(value) {
+        return false;
+    }
+    let scale = num_traits::Pow::pow(BigInt::from(10), places);
+    let twice_error = (value - d).abs() * BigRational::from_integer(scale * 2);
+    twice_error <= BigRational::from_integer(BigInt::from(1))
+}
+
+fn rounds_to_approx(lit: &Expr, value: f64) -> bool {
+    let Some((d, places)) = decimal_literal(lit) else {
+        return false;
+    };
+    let Some(d) = num_traits::ToPrimitive::to_f64(&d) else {
+        return false;
+    };
+    let half_unit = 0.5 * 10f64.powi(-i32::try_from(places).unwrap_or(i32::MAX));
+    (value - d).abs() <= half_unit * (1.0 + 1e-9)
+}
+
+/// True when the rational has a finite decimal expansion (denominator of
+/// the form `2^a 5^b`).
+fn terminates(r: &BigRational) -> bool {
+    let mut d = r.denom().clone();
+    for p in [2u32, 5] {
+        let p = BigInt::from(p);
+        while !d.is_zero() && d.is_multiple_of(&p) {
+            d /= &p;
+        }
+    }
+    d == BigInt::from(1)
+}
+
+/// Evaluates both sides at fixed points for their free variables. `None`
+/// when there are no variables or no point where both sides are defined.
+fn sample_compare(a: &Expr, b: &Expr, cx: &Ctx) -> Result<Option<(bool, Rule)>, TimedOut> {
+    let mut names = BTreeSet::new();
+    collect_vars(a, &mut names);
+    collect_vars(b, &mut names);
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let mut agreed = 0;
+    for point in 0..SAMPLE_POINTS {
+        let env: Vec<(String, f64)> = names
+            .iter()
+            .enumerate()
+            .map(|(j, name)| (name.clone(), SAMPLES[(point + 3 * j) % SAMPLES.len()]))
+            .collect();
+        let ev = cx.evaluator(&env);
+        let (Some(x), Some(y)) = (ev.eval(a)?, ev.eval(b)?) else {
+            continue;
+        };
+        let (Some(x), Some(y)) = (x.to_f64(), y.to_f64()) else {
+            continue;
+        };
+        if !close(x, y, cx.rel_tol.max(1e-9)) {
+            return Ok(Some((false, Rule::SymbolicSample)));
+        }
+        agreed += 1;
+    }
+    Ok((agreed > 0).then_some((true, Rule::SymbolicSample)))
+}
+
+fn collect_vars(e: &Expr, names: &mut BTreeSet<String>) {
+    match e {
+        Expr::Var(name) => {
+            names.insert(name.clone());
+        }
+        Expr::Neg(a) | Expr::Factorial(a) | Expr::Func(_, a) => collect_vars(a, names),
+        Expr::Add(a, b)
+        | Expr::Sub(a, b)
+        | Expr::Mul(a, b)
+        | Expr::Div(a, b)
+        | Expr::Pow(a, b)
+        | Expr::Root(a, b)
+        | Expr::Binom(a, b)
+        | Expr::Relation(a, _, b) => {
+            collect_vars(a, names);
+            collect_vars(b, names);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::math::parse::parse_with as parse;
+    use std::time::{Duration, Instant};
+
+    fn eq(a: &str, b: &str) -> (bool, Rule) {
+        let deadline = Deadline::new(Instant::now() + Duration::from_secs(5));
+        let opts = MathOptions::default();
+        let cx = Ctx::new(&deadline, &opts);
+        let (Ok(x), Ok(y)) = (parse(a, &deadline), parse(b, &deadline)) else {
+            panic!("parse failed: {a} / {b}");
+        };
+        equivalent(&x, &y, &cx).unwrap_or((false, Rule::Deadline))
+    }
+
+    #[test]
+    fn rules_are_reported() {
+        assert_eq!(eq("0.75", "\\frac{3}{4}"), (true, Rule::RationalEqual));
+        assert_eq!(eq("0.33", "1/3"), (true, Rule::DecimalRounding));
+        assert_eq!(eq("0.3", "1/3"), (false, Rule::RationalEqual));
+        assert_eq!(eq("3.14", "\\pi"), (true, Rule::DecimalRounding));
+        assert_eq!(
+            eq("\\sqrt{8}", "2\\sqrt{2}"),
+            (true, Rule::NumericTolerance)
+        );
+        assert_eq!(eq("(x+1)^2", "x^2+2x+1"), (true, Rule::SymbolicSample));
+        assert_eq!(eq("(x+1)^2", "x^2+1"), (false, Rule::SymbolicSample));
+        assert_eq!(eq("\\{1,2\\}", "\\{2,1\\}"), (true, Rule::SetEqual));
+        assert_eq!(eq("(1,2)", "(2,1)"), (false, Rule::TupleEqual));
+        assert_eq!(eq("[1,2)", "[1,2]"), (false, Rule::IntervalEqual));
+        assert_eq!(eq("x > 3", "3 < x"), (true, Rule::RelationEqual));
+        assert_eq!(eq("x > 3", "(3, \\infty)"), (true, Rule::IntervalEqual));
+        assert_eq!(eq("x = 5", "5"), (true, Rule::RationalEqual));
+        assert_eq!(eq("\\{1\\}", "1"), (false, Rule::KindMismatch));
+    }
+
+    #[test]
+    fn terminating_decimals() {
+        let r = |n: i64, d: i64| BigRational::new(n.into(), d.into());
+        assert!(terminates(&r(3, 40)));
+        assert!(!terminates(&r(1, 3)));
+    }
+}

@@ -1,0 +1,318 @@
+//! Text-level normalisation of an extracted answer: removes presentation that
+//! does not change the value (math delimiters, `\left`/`\right`, `\text{}`
+//! wrappers, units, `%`, degrees, thousands separators) and rewrites
+//! notational variants (`\dfrac`, unicode operators, mixed numbers) into one
+//! spelling the parser understands.
+
+use std::sync::LazyLock;
+
+use regex::{Captures, Regex};
+use serde::{Deserialize, Serialize};
+
+use super::extract::{matching_brace, regex_or_never};
+
+/// A normalised answer. The percent flag is kept because `10\%` may be meant
+/// as `10` or as `0.1`, and only the comparison can tell which fits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Normalized {
+    /// The normal form, ready for [`super::parse`].
+    pub text: String,
+    /// Whether a percent sign was removed.
+    pub percent: bool,
+}
+
+/// Normalises one extracted answer (not a whole completion).
+pub fn normalize(raw: &str) -> Normalized {
+    let mut s = raw.trim().to_string();
+    s = replace_symbols(&s);
+    s = unwrap_commands(&s);
+    s = strip_delimiters(&s);
+    s = SIZING.replace_all(&s, "").into_owned();
+    s = join_thin_thousands(&s);
+    s = SPACING.replace_all(&s, " ").into_owned();
+    s = FRAC_VARIANT.replace_all(&s, "\\frac").into_owned();
+    s = BINOM_VARIANT.replace_all(&s, "\\binom").into_owned();
+    s = DEGREES.replace_all(&s, "").into_owned();
+    let percent = s.contains('%') || PERCENT_WORD.is_match(&s);
+    s = s.replace("\\%", "").replace('%', "");
+    s = PERCENT_WORD.replace_all(&s, "").into_owned();
+    s = MEMBERSHIP.replace(&s, "").into_owned();
+    s = list_conjunctions(&s);
+    s = strip_units(&s);
+    s = join_thousands(&s);
+    s = mixed_numbers(&s);
+    s = trim_punctuation(&s);
+    s = WHITESPACE.replace_all(&s, " ").trim().to_string();
+    Normalized { text: s, percent }
+}
+
+static SIZING: LazyLock<Regex> = LazyLock::new(|| {
+    regex_or_never(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle|textstyle)(?:\.|\b)")
+});
+static SPACING: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[,;:! ]|\\q?quad\b|~|\\\\"));
+static FRAC_VARIANT: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[dtc]frac\b"));
+static BINOM_VARIANT: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[dt]binom\b"));
+static DEGREES: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"\^\s*\{?\s*\\circ\s*\}?|\\circ\b|\\degree\b|°|\bdegrees?\b"));
+static PERCENT_WORD: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"(?i)\s*\bpercent\b"));
+static MEMBERSHIP: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"^[A-Za-z]\s*\\in\b\s*"));
+static CONJUNCTION: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\s*,?\s+(?:or|and)\s+"));
+static WHITESPACE: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\s+"));
+static UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    regex_or_never(concat!(
+        r"(?i)([\d}).])\s*(?:square\s+|sq\.?\s+|cubic\s+)?",
+        r"(?:dollars?|cents?|usd|euros?|pounds?|lbs?|ounces?|oz|grams?|kg|kilograms?|mg|tons?|",
+        r"meters?|metres?|cm|mm|km|kilometers?|centimeters?|millimeters?|inch(?:es)?|feet|foot|ft|",
+        r"yards?|yd|miles?|mph|seconds?|secs?|minutes?|mins?|hours?|hrs?|days?|weeks?|months?|",
+        r"years?|yrs?|liters?|litres?|ml|gallons?|gal|quarts?|cups?|units?)",
+        r"(?:\s*\^\s*\{?\d\}?)?\.?\s*$"
+    ))
+});
+static SHORT_UNIT: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"(\d)\s+(?:m|g|s|h|l|L)(?:\s*\^\s*\{?\d\}?)?\s*$"));
+static TRAILING_WORDS: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"([\d})\]])((?:\s+[A-Za-z][A-Za-z'’\-]+\.?)+)\s*$"));
+static THIN_THOUSANDS: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"(\d)(?:\\,|\{,\}|\\ |\\;)(\d{3})\b"));
+static THOUSANDS: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?"));
+static MIXED_SLASH: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"(^|[^\d.^_])(\d+)\s+(\d+)\s*/\s*(\d+)"));
+static MIXED_FRAC: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"(^|[^\d.}^_])(\d+)\s*\\frac(?:\{(\d+)\}\{(\d+)\}|(\d)(\d))"));
+
+/// Unicode operators and look-alikes to their LaTeX spelling.
+fn replace_symbols(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '−' | '–' | '‐' | '‑' => out.push('-'),
+            '×' | '∙' => out.push_str("\\times "),
+            '·' | '⋅' => out.push_str("\\cdot "),
+            '÷' => out.push_str("\\div "),
+            'π' => out.push_str("\\pi "),
+            '∞' => out.push_str("\\infty "),
+            '√' => out.push_str("\\sqrt "),
+            '≤' => out.push_str("\\le "),
+            '≥' => out.push_str("\\ge "),
+            '≠' => out.push_str("\\ne "),
+            '∪' => out.push_str("\\cup "),
+            '∅' => out.push_str("\\emptyset "),
+            '\u{00a0}' | '\u{2009}' | '\u{202f}' => out.push(' '),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Text-style wrappers whose argument is kept verbatim.
+const WRAPPERS: [&str; 14] = [
+    "\\text",
+    "\\textbf",
+    "\\textit",
+    "\\textrm",
+    "\\textnormal",
+    "\\mathrm",
+    "\\mathbf",
+    "\\mathit",
+    "\\mathsf",
+    "\\mbox",
+    "\\boxed",
+    "\\fbox",
+    "\\operatorname",
+    "\\hbox",
+];
+
+/// Replaces every `\text{…}`-style wrapper by its (space-padded) argument.
+fn unwrap_commands(s: &str) -> String {
+    let mut s = s.to_string();
+    // Each pass removes one wrapper, so the loop is bounded by the input size.
+    while let Some((start, open)) = find_wrapper(&s) {
+        let Some(close) = matching_brace(&s, open) else {
+            break;
+        };
+        let inner = s[open + 1..close].to_string();
+        s.replace_range(start..=close, &format!(" {inner} "));
+    }
+    s
+}
+
+/// Position of the first wrapper command followed by `{`, and of that brace.
+fn find_wrapper(s: &str) -> Option<(usize, usize)> {
+    WRAPPERS
+        .iter()
+        .filter_map(|cmd| {
+            s.match_indices(cmd).find_map(|(i, _)| {
+                let after = i + cmd.len();
+                let rest = &s[after..];
+                let gap = rest.len() - rest.trim_start().len();
+                rest[gap..].starts_with('{').then_some((i, after + gap))
+            })
+        })
+        .min()
+}
+
+/// Removes `$`, `\$`, `\(`, `\)`, `\[`, `\]`.
+fn strip_delimiters(s: &str) -> String {
+    s.replace("\\$", " ")
+        .replace('$', " ")
+        .replace("\\(", " ")
+        .replace("\\)", " ")
+        .replace("\\[", " ")
+        .replace("\\]", " ")
+}
+
+/// `1\,000`, `1{,}000` and `1\ 000` become `1000`.
+fn join_thin_thousands(s: &str) -> String {
+    let mut s = s.to_string();
+    loop {
+        let next = THIN_THOUSANDS.replace_all(&s, "$1$2").into_owned();
+        if next == s {
+            return s;
+        }
+        s = next;
+    }
+}
+
+/// `x = 3 or x = 5` and `2 and 3` become comma lists, so several solutions
+/// compare as a list. Only applied to mathematical answers, not prose.
+fn list_conjunctions(s: &str) -> String {
+    if s.contains('=') || s.chars().any(|c| c.is_ascii_digit()) {
+        CONJUNCTION.replace_all(s, ", ").into_owned()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Drops trailing unit words (`5 cm^2`, `58 dollars`, `15 years old`).
+fn strip_units(s: &str) -> String {
+    let mut s = s.trim().to_string();
+    for _ in 0..4 {
+        let next = UNIT.replace(&s, "$1").into_owned();
+        let next = SHORT_UNIT.replace(&next, "$1").into_owned();
+        let next = TRAILING_WORDS.replace(&next, "$1").into_owned();
+        let next = next.trim().to_string();
+        if next == s {
+            break;
+        }
+        s = next;
+    }
+    s
+}
+
+/// Removes commas from digit groups like `1,000,000` unless the answer is a
+/// bracketed collection, where commas separate elements.
+fn join_thousands(s: &str) -> String {
+    if s.contains("\\{") || is_bracketed(s) {
+        return s.to_string();
+    }
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut last = 0;
+    for m in THOUSANDS.find_iter(s) {
+        let before = m.start().checked_sub(1).map(|i| bytes[i]);
+        let after = bytes.get(m.end()).copied();
+        let clean_before = !before.is_some_and(|b| b.is_ascii_digit() || b == b'.' || b == b',');
+        let clean_after = !after.is_some_and(|b| b.is_ascii_digit() || b == b',');
+        if clean_before && clean_after {
+            out.push_str(&s[last..m.start()]);
+            out.push_str(&m.as_str().replace(',', ""));
+            last = m.end();
+        }
+    }
+    out.push_str(&s[last..]);
+    out
+}
+
+fn is_bracketed(s: &str) -> bool {
+    let t = s.trim();
+    matches!(t.chars().next(), Some('(' | '[' | '{'))
+        && matches!(t.chars().last(), Some(')' | ']' | '}'))
+}
+
+/// Mixed numbers `2 1/2` and `2\frac{1}{2}` become `(2+1/2)`.
+fn mixed_numbers(s: &str) -> String {
+    let s = MIXED_SLASH.replace_all(s, "$1($2+$3/$4)").into_owned();
+    MIXED_FRAC
+        .replace_all(&s, |c: &Captures| {
+            let get = |i: usize| c.get(i).map_or("", |m| m.as_str());
+            let (num, den) = if c.get(3).is_some() {
+                (get(3), get(4))
+            } else {
+                (get(5), get(6))
+            };
+            format!("{}({}+\\frac{{{}}}{{{}}})", get(1), get(2), num, den)
+        })
+        .into_owned()
+}
+
+/// Drops sentence punctuation around the answer; a trailing `!` after an
+/// operand is kept as a factorial.
+fn trim_punctuation(s: &str) -> String {
+    let t = s.trim().trim_start_matches([':', ',', ';']);
+    let t = t.trim_end_matches(|c: char| {
+        c.is_whitespace() || matches!(c, '.' | ',' | ';' | ':' | '。' | '，')
+    });
+    t.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> String {
+        normalize(s).text
+    }
+
+    #[test]
+    fn delimiters_and_wrappers() {
+        assert_eq!(n("$\\frac{1}{2}$"), "\\frac{1}{2}");
+        assert_eq!(n("\\text{(B)}"), "(B)");
+        assert_eq!(n("\\textbf{B}"), "B");
+        assert_eq!(n("\\left( 1, 2 \\right)"), "( 1, 2 )");
+        assert_eq!(n("\\dfrac{3}{4}"), "\\frac{3}{4}");
+        assert_eq!(n("\\mathrm{x}=3"), "x =3");
+    }
+
+    #[test]
+    fn money_percent_degrees() {
+        assert_eq!(n("\\$1,000"), "1000");
+        assert_eq!(n("$48"), "48");
+        let p = normalize("10\\%");
+        assert_eq!((p.text.as_str(), p.percent), ("10", true));
+        assert_eq!(n("45^\\circ"), "45");
+        assert_eq!(n("45^{\\circ}"), "45");
+        assert_eq!(n("45°"), "45");
+    }
+
+    #[test]
+    fn units_are_dropped() {
+        assert_eq!(n("58 dollars"), "58");
+        assert_eq!(n("12 \\text{ cm}^2"), "12");
+        assert_eq!(n("15 years old"), "15");
+        assert_eq!(n("5 m"), "5");
+        assert_eq!(n("5cm"), "5");
+        assert_eq!(n("2 \\pi"), "2 \\pi");
+        assert_eq!(n("3 x"), "3 x");
+        assert_eq!(n("x = 3 \\text{ or } x = 5"), "x = 3, x = 5");
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(n("1,000,000"), "1000000");
+        assert_eq!(n("1\\,000"), "1000");
+        assert_eq!(n("1{,}000{,}000"), "1000000");
+        assert_eq!(n("(1,000)"), "(1,000)");
+        assert_eq!(n("1,2"), "1,2");
+        assert_eq!(n("12,345.5"), "12345.5");
+    }
+
+    #[test]
+    fn mixed_numbers_and_unicode() {
+        assert_eq!(n("2 1/2"), "(2+1/2)");
+        assert_eq!(n("2\\frac{1}{2}"), "(2+\\frac{1}{2})");
+        assert_eq!(n("-2\\frac12"), "-(2+\\frac{1}{2})");
+        assert_eq!(n("−5"), "-5");
+        assert_eq!(n("x^2\\frac{1}{2}"), "x^2\\frac{1}{2}");
+    }
+}

@@ -1,0 +1,629 @@
+//! The command line: one struct of flags per subcommand, and the glue that turns flags into a
+//! stage run. Parsing only validates; files and models are opened after parsing, in [`run`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::data::dataset::{self, FieldMap, Preset};
+use crate::data::prompt::PromptTemplate;
+use crate::generate::{self, GenerateConfig, GenerateSummary};
+use crate::teacher::local::{LocalConfig, LocalTeacher};
+use crate::teacher::openai::{ApiKey, LogprobBase, OpenAiConfig, OpenAiTeacher};
+use crate::teacher::Teacher;
+use crate::trace::Sampling;
+
+/// LLM knowledge distillation: generate teacher traces, filter them, train a student.
+#[derive(Debug, Parser)]
+#[command(name = "distill", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands, one per stage.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate chain-of-thought traces from a teacher for a problem set.
+    Generate(GenerateArgs),
+    /// Filter traces: rules, answer checkers, dedup, decontamination; kept and rejected out.
+    Filter(FilterArgs),
+    /// Summarise a filter run in the terminal and write a self-contained HTML report.
+    Audit(AuditArgs),
+    /// Score a JSONL dataset with the math or code checker, row by row.
+    Check(CheckArgs),
+    /// Measure throughput against a peer in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// Flags of `distill filter`.
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Trace file written by `distill generate`.
+    #[arg(long)]
+    pub traces: PathBuf,
+    /// Output directory: kept.jsonl, rejected.jsonl, summary.json, check_cache.jsonl.
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Rule file or directory of *.toml rule files; repeatable. Default: the shipped rules.
+    #[arg(long)]
+    pub rules: Vec<PathBuf>,
+    /// Do not load the shipped default rules (only --rules).
+    #[arg(long)]
+    pub no_default_rules: bool,
+    /// Drop a rule by id (e.g. final_answer for code traces); repeatable.
+    #[arg(long)]
+    pub disable_rule: Vec<String>,
+    /// Answer checker.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub checker: crate::filter::stage::CheckerKind,
+    /// Math checker time budget per trace, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub math_budget_ms: u64,
+    /// Code checker wall-clock limit per program, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub code_timeout: f64,
+    /// Near-duplicate Jaccard threshold (MinHash + LSH).
+    #[arg(long, default_value_t = 0.8)]
+    pub near_dup: f64,
+    /// Turn off near-duplicate detection.
+    #[arg(long)]
+    pub no_near_dup: bool,
+    /// Turn off exact duplicate detection.
+    #[arg(long)]
+    pub no_exact_dup: bool,
+    /// Evaluation set (JSONL, any preset) to decontaminate against; repeatable.
+    #[arg(long)]
+    pub eval_set: Vec<PathBuf>,
+    /// n-gram length for decontamination.
+    #[arg(long, default_value_t = 13)]
+    pub ngram: usize,
+    /// Also look for evaluation n-grams in completions.
+    #[arg(long)]
+    pub decontam_completions: bool,
+    /// Keep problems whose pass rate is in MIN:MAX (e.g. 0.1:0.9).
+    #[arg(long)]
+    pub pass_rate: Option<String>,
+    /// Keep at most K traces per problem.
+    #[arg(long)]
+    pub max_per_problem: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Flags of `distill audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Filter run directory (holding kept.jsonl, rejected.jsonl, summary.json).
+    pub run_dir: PathBuf,
+    /// Where to write the HTML report (default: RUN_DIR/report.html).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Only print the terminal summary.
+    #[arg(long)]
+    pub no_html: bool,
+}
+
+/// Which checker `distill check` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckKind {
+    /// Rows with `gold` and `pred` (pred may be a whole completion).
+    Math,
+    /// Rows with `prompt`, `completion`, `test`, `entry_point` (HumanEval schema).
+    Code,
+}
+
+/// Flags of `distill check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Checker to run.
+    #[arg(value_enum)]
+    pub kind: CheckKind,
+    /// Input JSONL, or `-` for stdin.
+    #[arg(default_value = "-")]
+    pub input: String,
+    /// Output JSONL (default: stdout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Math: time budget per row in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub budget_ms: u64,
+    /// Code: wall-clock limit per program in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub timeout: f64,
+    /// Code: memory limit per program in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory_mb: u64,
+    /// Parallel workers (default: all cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+/// Which teacher backend serves the samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TeacherKind {
+    /// mistral.rs embedded in this process (GGUF or safetensors; no server, no API key).
+    Local,
+    /// An OpenAI-compatible endpoint (vLLM, SGLang, mistral.rs server, hosted APIs).
+    Openai,
+}
+
+/// Flags of `distill generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Problem set: JSONL (one object per line) or a JSON array.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Shape of the dataset rows (auto detects from the first row).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub preset: Preset,
+    /// Prompt template: a builtin name (math, gsm8k, code) or a path to a .toml file.
+    ///
+    /// Defaults to the preset's template (gsm8k for GSM8K, code for HumanEval/MBPP, math
+    /// otherwise).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Teacher backend.
+    #[arg(long, value_enum, default_value = "local")]
+    pub teacher: TeacherKind,
+    /// Model: a GGUF file, model directory or hub id (local); the served model name (openai).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// GGUF file name inside a directory or hub repository (local teacher).
+    #[arg(long)]
+    pub model_file: Option<String>,
+    /// Hub revision to pin (local teacher, hub ids).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Chat template (Jinja file) replacing the model's own (local teacher).
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Run the local teacher on the CPU even in an accelerator build.
+    #[arg(long)]
+    pub cpu: bool,
+    /// Base URL of an OpenAI-compatible server; repeat for a fleet.
+    #[arg(long = "base-url")]
+    pub base_urls: Vec<String>,
+    /// Environment variable holding the API key (openai teacher). Default: OPENAI_API_KEY if set.
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// Samples per problem.
+    #[arg(long, default_value_t = 1)]
+    pub n: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.6)]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Completion token budget per sample; longer traces are kept with finish_reason=length.
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens: u32,
+    /// Stop sequence; repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Run seed; each sample gets its own seed derived from it.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Top log-probabilities to record per token (0 = none), stored in nats.
+    #[arg(long, default_value_t = 0)]
+    pub logprobs: u32,
+    /// Unit of the server's logprobs (auto recognises mistral.rs's base 10).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub logprob_base: LogprobBase,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Per-request timeout in seconds (openai teacher).
+    #[arg(long, default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Attempts per sample before it is recorded as failed (openai teacher).
+    #[arg(long, default_value_t = 8)]
+    pub max_attempts: u32,
+    /// Requests-per-minute budget across all base URLs.
+    #[arg(long)]
+    pub rpm: Option<u32>,
+    /// Tokens-per-minute budget across all base URLs (prompt estimate + max_tokens).
+    #[arg(long)]
+    pub tpm: Option<u32>,
+    /// Output trace file (JSONL, appended; rerun the same command to resume).
+    #[arg(long, default_value = "traces.jsonl")]
+    pub out: PathBuf,
+    /// Only the first N problems.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Skip and count malformed dataset rows instead of stopping at the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Dataset field holding the problem id.
+    #[arg(long)]
+    pub id_field: Option<String>,
+    /// Dataset field holding the question.
+    #[arg(long)]
+    pub question_field: Option<String>,
+    /// Dataset field holding the final answer.
+    #[arg(long)]
+    pub answer_field: Option<String>,
+    /// Dataset field holding a reference solution.
+    #[arg(long)]
+    pub solution_field: Option<String>,
+    /// Dataset field holding test code.
+    #[arg(long)]
+    pub tests_field: Option<String>,
+    /// Dataset field holding the entry point function name.
+    #[arg(long)]
+    pub entry_point_field: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// OpenAI client against a loopback server with fixed latency: requests/s vs the ideal.
+    Openai(crate::bench::OpenAiBenchArgs),
+    /// Embedded engine tokens/s through distill vs mistral.rs driven directly.
+    Local(crate::bench::LocalBenchArgs),
+}
+
+/// What a finished command reports to `main` for the exit code.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Records that finally failed (exit code 1 when non-zero).
+    pub failed_records: u64,
+    /// Stopped by Ctrl-C (exit code 130).
+    pub interrupted: bool,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Generate(args) => rt.block_on(generate_cmd(args)),
+        Command::Check(a) => check_cmd(a),
+        Command::Filter(a) => filter_cmd(a),
+        Command::Audit(a) => {
+            let run = crate::audit::load_run(&a.run_dir)?;
+            print!("{}", crate::audit::terminal_summary(&run));
+            if !a.no_html {
+                let path = a.html.clone().unwrap_or_else(|| a.run_dir.join("report.html"));
+                crate::audit::write_html(&run, &path)?;
+                eprintln!("distill: report written to {}", path.display());
+            }
+            Ok(Outcome::default())
+        }
+        Command::Bench(BenchCommand::Openai(a)) => {
+            rt.block_on(crate::bench::openai(a))?;
+            Ok(Outcome::default())
+        }
+        Command::Bench(BenchCommand::Local(a)) => {
+            rt.block_on(crate::bench::local(a))?;
+            Ok(Outcome::default())
+        }
+    }
+}
+
+async fn generate_cmd(a: GenerateArgs) -> anyhow::Result<Outcome> {
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    if !(0.0..=2.0).contains(&a.temperature) {
+        bail!("--temperature {} is outside 0..=2", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p {} is outside (0, 1]", a.top_p);
+    }
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let fields = FieldMap {
+        id: a.id_field.clone(),
+        question: a.question_field.clone(),
+        answer: a.answer_field.clone(),
+        solution: a.solution_field.clone(),
+        tests: a.tests_field.clone(),
+        entry_point: a.entry_point_field.clone(),
+    };
+    let mut ds = dataset::load(&a.dataset, a.preset, &fields, a.skip_invalid)?;
+    if !ds.skipped.is_empty() {
+        eprintln!(
+            "distill: skipped {} invalid rows of {} (first: {})",
+            ds.skipped.len(),
+            a.dataset.display(),
+            ds.skipped[0]
+        );
+    }
+    if ds.duplicates > 0 {
+        eprintln!(
+            "distill: {} rows repeat an earlier question and were dropped",
+            ds.duplicates
+        );
+    }
+    if let Some(limit) = a.limit {
+        ds.problems.truncate(limit);
+    }
+    let prompt_name = a
+        .prompt
+        .clone()
+        .unwrap_or_else(|| ds.preset.default_prompt().to_string());
+    let template = PromptTemplate::load(&prompt_name)?;
+
+    let teacher: Arc<dyn Teacher> = match a.teacher {
+        TeacherKind::Local => {
+            let Some(model) = a.model.clone() else {
+                bail!("--model is required for --teacher local (a GGUF file, model directory or hub id; scripts/fetch-test-model.sh fetches a small one)");
+            };
+            let sp = crate::progress::spinner(&format!("loading {model} with mistral.rs"));
+            let t = LocalTeacher::load(&LocalConfig {
+                model,
+                model_file: a.model_file.clone(),
+                revision: a.revision.clone(),
+                max_num_seqs: a.concurrency.max(1),
+                force_cpu: a.cpu,
+                chat_template: a.chat_template.clone(),
+            })
+            .await;
+            sp.finish_and_clear();
+            Arc::new(t?)
+        }
+        TeacherKind::Openai => {
+            if a.base_urls.is_empty() {
+                bail!("--teacher openai needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)");
+            }
+            let api_key = match &a.api_key_env {
+                Some(var) => match std::env::var(var) {
+                    Ok(k) if !k.is_empty() => Some(ApiKey::new(k)),
+                    _ => bail!("--api-key-env {var}: environment variable {var} is not set"),
+                },
+                None => std::env::var("OPENAI_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty())
+                    .map(ApiKey::new),
+            };
+            if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+                bail!("--timeout must be a positive number of seconds");
+            }
+            let t = OpenAiTeacher::connect(OpenAiConfig {
+                base_urls: a.base_urls.clone(),
+                model: a.model.clone(),
+                api_key,
+                timeout: Duration::from_secs_f64(a.timeout),
+                max_attempts: a.max_attempts.max(1),
+                rpm: a.rpm,
+                tpm: a.tpm,
+                logprob_base: a.logprob_base,
+                ..OpenAiConfig::default()
+            })
+            .await?;
+            Arc::new(t)
+        }
+    };
+
+    let cfg = GenerateConfig {
+        n: a.n,
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            max_tokens: a.max_tokens,
+            stop: a.stop.clone(),
+            seed: a.seed,
+            seed_honoured: None,
+            top_logprobs: a.logprobs,
+        },
+        concurrency: a.concurrency.max(1),
+        out: a.out.clone(),
+        progress: !a.quiet,
+    };
+    eprintln!(
+        "distill: {} problems × {} samples from {} ({} preset, prompt {}) → {}",
+        ds.problems.len(),
+        a.n,
+        a.dataset.display(),
+        format!("{:?}", ds.preset).to_lowercase(),
+        prompt_name,
+        a.out.display()
+    );
+    let summary: GenerateSummary = generate::run(&ds.problems, &template, teacher, &cfg).await?;
+    eprintln!("{summary}");
+    if summary.interrupted {
+        eprintln!(
+            "distill: interrupted; {} holds every finished sample. Rerun the same command to resume.",
+            a.out.display()
+        );
+    } else if summary.samples_failed > 0 {
+        eprintln!(
+            "distill: {} samples failed (their records carry `error`); rerun the same command to retry them",
+            summary.samples_failed
+        );
+    }
+    Ok(Outcome {
+        failed_records: summary.samples_failed,
+        interrupted: summary.interrupted,
+    })
+}
+
+fn check_cmd(a: CheckArgs) -> anyhow::Result<Outcome> {
+    use std::io::{BufRead, BufReader, BufWriter, Write};
+    let (mut input, name): (Box<dyn BufRead>, String) = if a.input == "-" {
+        (Box::new(BufReader::new(std::io::stdin())), "<stdin>".into())
+    } else {
+        let f = std::fs::File::open(&a.input).with_context(|| format!("{}: cannot open", a.input))?;
+        (Box::new(BufReader::new(f)), a.input.clone())
+    };
+    // Write to a temporary sibling and rename at the end: a failed run never leaves half a file.
+    let tmp = a.out.as_ref().map(|p| {
+        let mut n = p.file_name().unwrap_or_default().to_os_string();
+        n.push(".partial");
+        p.with_file_name(n)
+    });
+    let mut out: Box<dyn Write> = match &tmp {
+        Some(t) => Box::new(BufWriter::new(
+            std::fs::File::create(t).with_context(|| format!("{}: cannot create", t.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    };
+    let started = std::time::Instant::now();
+    if let Some(w) = a.workers {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(w.max(1)).build_global();
+    }
+    let summary = match a.kind {
+        CheckKind::Math => {
+            let opts = crate::check::math::MathOptions {
+                budget_ms: a.budget_ms,
+                ..Default::default()
+            };
+            crate::check::rows::check_math_rows(&mut input, &name, &mut out, &opts)?
+        }
+        CheckKind::Code => check_code(&a, &mut input, &name, &mut out)?,
+    };
+    out.flush().context("writing output")?;
+    drop(out);
+    if let (Some(t), Some(p)) = (&tmp, &a.out) {
+        std::fs::rename(t, p).with_context(|| format!("{}: cannot write", p.display()))?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "check {}: {} rows, {} passed ({:.1}%), {:.2}s ({:.0} rows/s)",
+        format!("{:?}", a.kind).to_lowercase(),
+        summary.rows,
+        summary.passed,
+        100.0 * summary.passed as f64 / summary.rows.max(1) as f64,
+        secs,
+        summary.rows as f64 / secs.max(1e-9)
+    );
+    Ok(Outcome::default())
+}
+
+#[cfg(target_os = "linux")]
+fn check_code(
+    a: &CheckArgs,
+    input: &mut dyn std::io::BufRead,
+    name: &str,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<crate::check::rows::RowsSummary> {
+    use crate::check::code::{Sandbox, SandboxConfig};
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let cfg = SandboxConfig {
+        wall_timeout: Duration::from_secs_f64(a.timeout),
+        cpu_time_limit: Duration::from_secs_f64(a.timeout),
+        memory_limit_bytes: a.memory_mb.saturating_mul(1 << 20),
+        workers: a.workers.unwrap_or(0),
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::new(cfg)?;
+    tracing::info!(isolation = ?sandbox.isolation(), "code sandbox ready");
+    Ok(crate::check::rows::check_code_rows(input, name, out, &sandbox)?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn check_code(
+    _a: &CheckArgs,
+    _input: &mut dyn std::io::BufRead,
+    _name: &str,
+    _out: &mut dyn std::io::Write,
+) -> anyhow::Result<crate::check::rows::RowsSummary> {
+    bail!("the code checker's sandbox needs Linux (namespaces and rlimits)")
+}
+
+fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
+    use crate::filter::decontam::{DecontamParams, EvalIndex};
+    use crate::filter::dedup::{DedupConfig, MinHashParams};
+    use crate::filter::rules::RuleSet;
+    use crate::filter::stage::{self, CheckerKind, FilterConfig};
+
+    let mut rules = if a.no_default_rules {
+        RuleSet::default()
+    } else {
+        RuleSet::builtin_default()?
+    };
+    for p in &a.rules {
+        let more = if p.is_dir() {
+            RuleSet::load_dir(p)?
+        } else {
+            RuleSet::load_file(p)?
+        };
+        rules.extend(more)?;
+    }
+    for id in &a.disable_rule {
+        if rules.get(id).is_none() {
+            bail!("--disable-rule {id}: no rule with that id (loaded: {})", rules.rules().iter().map(|r| r.id()).collect::<Vec<_>>().join(", "));
+        }
+    }
+    rules.retain(|r| !a.disable_rule.iter().any(|d| d == r.id()));
+    let pass_rate = match &a.pass_rate {
+        None => None,
+        Some(s) => {
+            let parsed = s.split_once(':').and_then(|(lo, hi)| Some((lo.trim().parse::<f64>().ok()?, hi.trim().parse::<f64>().ok()?)));
+            match parsed {
+                Some((lo, hi)) if (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && lo <= hi => Some((lo, hi)),
+                _ => bail!("--pass-rate {s}: expected MIN:MAX with 0 <= MIN <= MAX <= 1, e.g. 0.1:0.9"),
+            }
+        }
+    };
+    let eval_index = if a.eval_set.is_empty() {
+        None
+    } else {
+        let mut index = EvalIndex::new(DecontamParams { n: a.ngram, ..DecontamParams::default() })?;
+        for p in &a.eval_set {
+            let ds = dataset::load(p, Preset::Auto, &FieldMap::default(), false)?;
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            for prob in &ds.problems {
+                index.add(format!("{stem}/{}", prob.id), &prob.question);
+            }
+        }
+        eprintln!("distill: decontaminating against {} eval items ({} {}-grams)", index.num_items(), index.num_ngrams(), a.ngram);
+        Some(index)
+    };
+    let dedup = if a.no_exact_dup && a.no_near_dup {
+        None
+    } else {
+        Some(DedupConfig {
+            exact: !a.no_exact_dup,
+            near: if a.no_near_dup { None } else { Some(MinHashParams::with_threshold(a.near_dup)?) },
+        })
+    };
+    #[cfg(target_os = "linux")]
+    let sandbox = if matches!(a.checker, CheckerKind::Auto | CheckerKind::Code) {
+        use crate::check::code::{Sandbox, SandboxConfig};
+        if !(a.code_timeout > 0.0 && a.code_timeout.is_finite()) {
+            bail!("--code-timeout must be a positive number of seconds");
+        }
+        Some(Sandbox::new(SandboxConfig {
+            wall_timeout: Duration::from_secs_f64(a.code_timeout),
+            cpu_time_limit: Duration::from_secs_f64(a.code_timeout),
+            ..SandboxConfig::default()
+        })?)
+    } else {
+        None
+    };
+    let cfg = FilterConfig {
+        rules,
+        checker: a.checker,
+        math: crate::check::math::MathOptions { budget_ms: a.math_budget_ms, ..Default::default() },
+        #[cfg(target_os = "linux")]
+        sandbox,
+        dedup,
+        eval_index,
+        decontam_completions: a.decontam_completions,
+        pass_rate,
+        max_per_problem: a.max_per_problem,
+        out_dir: a.out_dir.clone(),
+        progress: !a.quiet,
+    };
+    let summary = stage::run(&a.traces, &cfg)?;
+    eprint!("{summary}");
+    eprintln!("  outputs in {}", a.out_dir.display());
+    Ok(Outcome::default())
+}

@@ -1,0 +1,260 @@
+//! Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral without sliding window).
+//!
+//! Field names follow the checkpoint (`model.layers.N.self_attn.q_proj` ...) so that loading is a
+//! walk down the `VarBuilder` prefixes and every adapted module gets its PEFT name for free.
+
+use super::lora::{LoraLinear, LoraVarBuilder};
+use super::{
+    apply_rope, attention, repeat_kv, Config, ForwardOptions, Mlp, ModelError, ModelOutput,
+    Packing, Result, RmsNorm, RotaryEmbedding,
+};
+use candle_core::Tensor;
+
+/// Grouped-query self-attention with rotary embeddings.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads the four projections under `vb` (the `self_attn` prefix). `qkv_bias` / `o_bias`
+    /// select the biases (Llama: `attention_bias` for all four; Qwen2: q/k/v only).
+    pub fn load(vb: LoraVarBuilder, cfg: &Config, qkv_bias: bool, o_bias: bool) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        Ok(Self {
+            q_proj: LoraLinear::load(h, nh * hd, qkv_bias, vb.pp("q_proj"))?,
+            k_proj: LoraLinear::load(h, nkv * hd, qkv_bias, vb.pp("k_proj"))?,
+            v_proj: LoraLinear::load(h, nkv * hd, qkv_bias, vb.pp("v_proj"))?,
+            o_proj: LoraLinear::load(nh * hd, h, o_bias, vb.pp("o_proj"))?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `o_proj(softmax(rope(q) rope(k)^T / sqrt(d) + mask) v)` for `(batch, seq, hidden)`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(xs, train)?, self.num_heads)?;
+        let k = heads(self.k_proj.forward(xs, train)?, self.num_kv_heads)?;
+        let v = heads(self.v_proj.forward(xs, train)?, self.num_kv_heads)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let y = attention(&q, &k, &v, mask)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&y, train)
+    }
+}
+
+/// Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// Loads one layer under `vb` (`model.layers.N`).
+    pub fn load(vb: LoraVarBuilder, cfg: &Config) -> Result<Self> {
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, bias, bias)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            input_layernorm: RmsNorm::load(
+                &vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                &vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+        })
+    }
+
+    /// Runs the layer on `(batch, seq, hidden)`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(xs)?;
+        let xs = (xs + self.self_attn.forward(&h, cos, sin, mask, train)?)?;
+        let h = self.post_attention_layernorm.forward(&xs)?;
+        Ok((&xs + self.mlp.forward(&h, train)?)?)
+    }
+}
+
+/// Llama causal LM: embeddings, decoder layers, final norm and `lm_head`.
+#[derive(Debug, Clone)]
+pub struct Model {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rotary: RotaryEmbedding,
+    cfg: Config,
+}
+
+impl Model {
+    /// Loads from a root builder (prefixes `model.*` and `lm_head`). The output projection is
+    /// `lm_head.weight` when the checkpoint has it, else the embedding matrix (tied).
+    pub fn load(vb: LoraVarBuilder, cfg: &Config) -> Result<Self> {
+        load_decoder(vb, cfg, DecoderLayer::load).map(
+            |(embed_tokens, layers, norm, lm_head, rotary, cfg)| Self {
+                embed_tokens,
+                layers,
+                norm,
+                lm_head,
+                rotary,
+                cfg,
+            },
+        )
+    }
+
+    /// Runs the decoder; see [`super::Student::forward`].
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        packing: &Packing,
+        opts: &ForwardOptions,
+    ) -> Result<ModelOutput> {
+        run_decoder(
+            &self.embed_tokens,
+            &self.layers,
+            &self.norm,
+            &self.rotary,
+            input_ids,
+            packing,
+            opts,
+            |l, x, c, s, m, tr| l.forward(x, c, s, m, tr),
+        )
+    }
+
+    /// The output projection `(vocab, hidden)`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
+
+/// Pieces of a loaded decoder: embeddings, layers, final norm, lm_head, rotary tables, config.
+pub(crate) type DecoderParts<L> = (Tensor, Vec<L>, RmsNorm, Tensor, RotaryEmbedding, Config);
+
+/// Loads the parts common to every family, with `load_layer` building each decoder layer.
+pub(crate) fn load_decoder<L>(
+    vb: LoraVarBuilder,
+    cfg: &Config,
+    load_layer: impl Fn(LoraVarBuilder, &Config) -> Result<L>,
+) -> Result<DecoderParts<L>> {
+    cfg.validate()?;
+    let m = vb.pp("model");
+    let embed_tokens = m
+        .pp("embed_tokens")
+        .base_get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+    let layers = (0..cfg.num_hidden_layers)
+        .map(|i| load_layer(m.pp("layers").pp(i), cfg))
+        .collect::<Result<Vec<_>>>()?;
+    let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+    let head = vb.pp("lm_head");
+    let tied = !head.base_contains("weight");
+    let lm_head = if tied {
+        embed_tokens.clone()
+    } else {
+        head.base_get((cfg.vocab_size, cfg.hidden_size), "weight")?
+    };
+    let mut cfg = cfg.clone();
+    cfg.tie_word_embeddings = tied;
+    let rotary = RotaryEmbedding::new(&cfg, vb.device())?;
+    Ok((embed_tokens, layers, norm, lm_head, rotary, cfg))
+}
+
+/// Shared forward pass: embed, run layers (collecting requested outputs), final norm.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_decoder<L>(
+    embed_tokens: &Tensor,
+    layers: &[L],
+    norm: &RmsNorm,
+    rotary: &RotaryEmbedding,
+    input_ids: &Tensor,
+    packing: &Packing,
+    opts: &ForwardOptions,
+    layer_forward: impl Fn(&L, &Tensor, &Tensor, &Tensor, &Tensor, bool) -> Result<Tensor>,
+) -> Result<ModelOutput> {
+    let (b, t) = input_ids.dims2()?;
+    if packing.position_ids.dims() != [b, t] || packing.mask.dims() != [b, 1, t, t] {
+        return Err(ModelError::Input(format!(
+            "packing shapes {:?}/{:?} do not match input_ids {:?}",
+            packing.position_ids.dims(),
+            packing.mask.dims(),
+            input_ids.dims()
+        )));
+    }
+    if let Some(bad) = opts.output_layers.iter().find(|&&l| l >= layers.len()) {
+        return Err(ModelError::Input(format!(
+            "output layer {bad} >= num_hidden_layers {}",
+            layers.len()
+        )));
+    }
+    let vocab = embed_tokens.dim(0)?;
+    let top = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+    if top >= vocab {
+        return Err(ModelError::Input(format!(
+            "token id {top} >= vocab_size {vocab}"
+        )));
+    }
+    let (cos, sin) = rotary.tables(&packing.position_ids, embed_tokens.dtype())?;
+    let mut xs = embed_tokens
+        .index_select(&input_ids.flatten_all()?, 0)?
+        .reshape((b, t, ()))?;
+    let mut collected = Vec::with_capacity(opts.output_layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        xs = layer_forward(layer, &xs, &cos, &sin, &packing.mask, opts.train)?;
+        if opts.output_layers.contains(&i) {
+            collected.push((i, xs.clone()));
+        }
+    }
+    let layers_out = opts
+        .output_layers
+        .iter()
+        .filter_map(|l| collected.iter().find(|(i, _)| i == l).cloned())
+        .collect();
+    Ok(ModelOutput {
+        hidden: norm.forward(&xs)?,
+        layers: layers_out,
+    })
+}

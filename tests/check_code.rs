@@ -1,0 +1,612 @@
+//! Integration tests for the sandboxed Python code checker (Linux only).
+#![cfg(target_os = "linux")]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use distill::check::code::{
+    check, check_batch, CodeJob, CodeResult, CodeTests, CodeVerdict, Sandbox, SandboxConfig,
+    StdioCase,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
+}
+
+#[derive(serde::Deserialize)]
+struct HumanEvalProblem {
+    task_id: String,
+    prompt: String,
+    canonical_solution: String,
+    test: String,
+    entry_point: String,
+}
+
+fn human_eval() -> Vec<HumanEvalProblem> {
+    let file = std::fs::File::open(fixture("HumanEval.jsonl.gz")).expect("fixture present");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .expect("valid gzip");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("valid HumanEval record"))
+        .collect()
+}
+
+fn he_job(p: &HumanEvalProblem, completion: String) -> CodeJob {
+    CodeJob {
+        prompt: p.prompt.clone(),
+        completion,
+        tests: CodeTests::Function {
+            test_code: p.test.clone(),
+            entry_point: Some(p.entry_point.clone()),
+        },
+    }
+}
+
+/// Small limits so hostile programs are stopped quickly.
+fn tight() -> SandboxConfig {
+    SandboxConfig {
+        wall_timeout: Duration::from_secs(2),
+        cpu_time_limit: Duration::from_secs(2),
+        memory_limit_bytes: 512 << 20,
+        max_processes: 16,
+        max_file_size_bytes: 1 << 20,
+        workdir_size_bytes: 8 << 20,
+        ..SandboxConfig::default()
+    }
+}
+
+fn func_job(completion: &str, test_code: &str, entry: &str) -> CodeJob {
+    CodeJob {
+        prompt: String::new(),
+        completion: completion.into(),
+        tests: CodeTests::Function {
+            test_code: test_code.into(),
+            entry_point: Some(entry.into()),
+        },
+    }
+}
+
+fn marker() -> String {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("urandom");
+    format!(
+        "distillmark{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    )
+}
+
+/// Pids whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                if String::from_utf8_lossy(&cmd).contains(needle) {
+                    found.push(pid);
+                }
+            }
+        }
+    }
+    found
+}
+
+fn assert_verdict(r: &CodeResult, expected: CodeVerdict) {
+    assert_eq!(r.verdict, expected, "unexpected verdict: {r:#?}");
+}
+
+#[test]
+fn human_eval_canonical_solutions_pass() {
+    let problems = human_eval();
+    assert_eq!(problems.len(), 164);
+    let jobs: Vec<CodeJob> = problems
+        .iter()
+        .map(|p| he_job(p, p.canonical_solution.clone()))
+        .collect();
+    let cfg = SandboxConfig::default();
+    let start = Instant::now();
+    let results = check_batch(&jobs, &cfg);
+    let elapsed = start.elapsed();
+    eprintln!(
+        "checked {} canonical solutions with {} workers in {:.2?} ({:.1}/s); isolation: {:?}",
+        jobs.len(),
+        cfg.effective_workers(),
+        elapsed,
+        jobs.len() as f64 / elapsed.as_secs_f64(),
+        results[0].isolation
+    );
+    let failures: Vec<_> = problems
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| !r.passed())
+        .map(|(p, r)| {
+            format!(
+                "{}: {:?} {} {}",
+                p.task_id, r.verdict, r.detail, r.stderr_tail
+            )
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "canonical solutions failed: {failures:#?}"
+    );
+    for r in &results {
+        assert_eq!(r.tests_passed, 1);
+        assert_eq!(r.tests_total, 1);
+    }
+}
+
+#[test]
+fn human_eval_broken_solutions_fail() {
+    let problems = human_eval();
+    let mut jobs: Vec<CodeJob> = problems
+        .iter()
+        .map(|p| he_job(p, "    return None\n".into()))
+        .collect();
+    let flippable: Vec<&HumanEvalProblem> = problems
+        .iter()
+        .filter(|p| p.canonical_solution.contains(" + "))
+        .collect();
+    jobs.extend(
+        flippable
+            .iter()
+            .map(|p| he_job(p, p.canonical_solution.replacen(" + ", " - ", 1))),
+    );
+    let results = check_batch(&jobs, &SandboxConfig::default());
+    let (none_results, flipped) = results.split_at(problems.len());
+    for (p, r) in problems.iter().zip(none_results) {
+        assert!(
+            matches!(
+                r.verdict,
+                CodeVerdict::WrongAnswer | CodeVerdict::RuntimeError
+            ),
+            "{} `return None` gave {r:#?}",
+            p.task_id
+        );
+    }
+    let failed = flipped.iter().filter(|r| !r.passed()).count();
+    eprintln!("flipped + to -: {failed}/{} fail", flipped.len());
+    assert!(
+        failed * 10 >= flipped.len() * 8,
+        "only {failed}/{} flipped solutions fail",
+        flipped.len()
+    );
+}
+
+#[test]
+fn completion_restating_the_whole_function_passes() {
+    let problems = human_eval();
+    let jobs: Vec<CodeJob> = problems
+        .iter()
+        .step_by(8)
+        .map(|p| he_job(p, format!("{}{}", p.prompt, p.canonical_solution)))
+        .collect();
+    let results = check_batch(&jobs, &SandboxConfig::default());
+    for r in &results {
+        assert_verdict(r, CodeVerdict::Pass);
+    }
+    // A complete program without the prompt's stub also works.
+    let r = check(
+        &CodeJob {
+            prompt: "def add(a, b):\n    \"\"\"Add.\"\"\"\n".into(),
+            completion: "def add(a, b):\n    return a + b\n".into(),
+            tests: CodeTests::Function {
+                test_code: "def check(f):\n    assert f(2, 3) == 5\n".into(),
+                entry_point: Some("add".into()),
+            },
+        },
+        &tight(),
+    );
+    assert_verdict(&r, CodeVerdict::Pass);
+}
+
+#[test]
+fn mbpp_asserts_report_failing_test() {
+    let job = |completion: &str| CodeJob {
+        prompt: String::new(),
+        completion: completion.into(),
+        tests: CodeTests::Asserts {
+            asserts: vec![
+                "assert square(2) == 4".into(),
+                "assert square(3) == 9".into(),
+                "assert square(-1) == 1".into(),
+            ],
+            setup: Some("import math".into()),
+            entry_point: Some("square".into()),
+        },
+    };
+    let ok = check(&job("def square(x):\n    return x * x\n"), &tight());
+    assert_verdict(&ok, CodeVerdict::Pass);
+    assert_eq!((ok.tests_passed, ok.tests_total), (3, 3));
+    let bad = check(
+        &job("def square(x):\n    return x * x if x != 3 else 0\n"),
+        &tight(),
+    );
+    assert_verdict(&bad, CodeVerdict::WrongAnswer);
+    assert_eq!(bad.failed_test, Some(1));
+    assert_eq!(bad.tests_passed, 1);
+    assert!(bad
+        .exception
+        .as_deref()
+        .unwrap_or("")
+        .starts_with("AssertionError"));
+}
+
+#[test]
+fn syntax_and_runtime_errors_are_distinguished() {
+    let test = "def check(f):\n    assert f() == 1\n";
+    let syntax = check(&func_job("def f(:\n    return 1\n", test, "f"), &tight());
+    assert_verdict(&syntax, CodeVerdict::SyntaxError);
+    let runtime = check(
+        &func_job("def f():\n    return 1 / 0\n", test, "f"),
+        &tight(),
+    );
+    assert_verdict(&runtime, CodeVerdict::RuntimeError);
+    assert!(runtime
+        .exception
+        .as_deref()
+        .unwrap_or("")
+        .contains("ZeroDivisionError"));
+    let import_time = check(
+        &func_job(
+            "import no_such_module_xyz\ndef f():\n    return 1\n",
+            test,
+            "f",
+        ),
+        &tight(),
+    );
+    assert_verdict(&import_time, CodeVerdict::RuntimeError);
+    let missing = check(&func_job("def g():\n    return 1\n", test, "f"), &tight());
+    assert_verdict(&missing, CodeVerdict::RuntimeError);
+}
+
+#[test]
+fn early_exits_never_pass() {
+    let test = "def check(f):\n    assert f() == 1\n";
+    let programs = [
+        "import os\nos._exit(0)\ndef f():\n    return 1\n",
+        "import sys\nsys.exit(0)\ndef f():\n    return 1\n",
+        "raise SystemExit\ndef f():\n    return 1\n",
+        "exit(0)\n",
+        "import os\ndef f():\n    os._exit(0)\n",
+        "import sys\ndef f():\n    sys.exit(0)\n",
+        // Forged report on stdout and on the result descriptor, then a clean exit.
+        "import os\nos.write(1, b'{\"status\": \"pass\", \"nonce\": \"\"}\\n')\ntry:\n    os.write(5, b'{\"status\": \"pass\", \"nonce\": \"x\"}\\n')\nexcept OSError:\n    pass\nos._exit(0)\n",
+    ];
+    for program in programs {
+        let r = check(&func_job(program, test, "f"), &tight());
+        assert_verdict(&r, CodeVerdict::RuntimeError);
+    }
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    let cfg = SandboxConfig {
+        wall_timeout: Duration::from_millis(800),
+        ..tight()
+    };
+    let start = Instant::now();
+    let r = check(
+        &func_job(
+            "def f():\n    while True:\n        pass\n",
+            "def check(f):\n    f()\n",
+            "f",
+        ),
+        &cfg,
+    );
+    assert_verdict(&r, CodeVerdict::Timeout);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // A sleeping program uses no CPU: only the wall clock stops it.
+    let r = check(&func_job("import time\ntime.sleep(60)\n", "", "f"), &cfg);
+    assert_verdict(&r, CodeVerdict::Timeout);
+}
+
+#[test]
+fn cpu_limit_times_out() {
+    let cfg = SandboxConfig {
+        wall_timeout: Duration::from_secs(5),
+        cpu_time_limit: Duration::from_secs(1),
+        ..tight()
+    };
+    let r = check(&func_job("while True:\n    pass\n", "", "f"), &cfg);
+    assert_verdict(&r, CodeVerdict::Timeout);
+    assert!(r.duration_ms < 4000, "stopped by the CPU limit: {r:?}");
+}
+
+#[test]
+fn memory_bombs_hit_the_memory_limit() {
+    let cfg = SandboxConfig {
+        memory_limit_bytes: 256 << 20,
+        ..tight()
+    };
+    let big = check(&func_job("x = bytearray(8 * 1024 ** 3)\n", "", "f"), &cfg);
+    assert_verdict(&big, CodeVerdict::MemoryLimit);
+    let gradual = check(
+        &func_job(
+            "def f():\n    xs = []\n    while True:\n        xs.append(bytearray(10 ** 7))\n",
+            "def check(f):\n    f()\n",
+            "f",
+        ),
+        &cfg,
+    );
+    assert_verdict(&gradual, CodeVerdict::MemoryLimit);
+}
+
+#[test]
+fn fork_bomb_is_contained_and_leaves_no_processes() {
+    let mark = marker();
+    let program = format!(
+        r#"import os
+MARK = "{mark}"
+for i in range(64):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        try:
+            os.setsid()
+            os.execv("/bin/sh", ["/bin/sh", "-c", "while :; do sleep 1; done # " + MARK])
+        finally:
+            os._exit(0)
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"#
+    );
+    let start = Instant::now();
+    let r = check(&func_job(&program, "", "f"), &tight());
+    assert!(
+        matches!(r.verdict, CodeVerdict::Timeout | CodeVerdict::RuntimeError),
+        "{r:#?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let mut survivors = processes_with(&mark);
+    for _ in 0..20 {
+        if survivors.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        survivors = processes_with(&mark);
+    }
+    if !survivors.is_empty() {
+        for pid in &survivors {
+            // SAFETY: cleaning up after a failed containment.
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+    assert!(
+        survivors.is_empty() || !r.isolation.dropped_uid,
+        "processes survived: {survivors:?} under {:?}",
+        r.isolation
+    );
+    assert!(survivors.is_empty(), "processes survived: {survivors:?}");
+}
+
+#[test]
+fn process_count_limit_is_reported_and_enforced() {
+    let program = r#"import subprocess
+def f():
+    procs = []
+    try:
+        for _ in range(40):
+            procs.append(subprocess.Popen(["/bin/sleep", "5"]))
+    except OSError:
+        pass
+    n = len(procs)
+    for p in procs:
+        p.kill()
+        p.wait()
+    return n
+"#;
+    let sandbox = Sandbox::new(tight()).expect("sandbox");
+    let isolation = sandbox.isolation();
+    let r = sandbox.check(&func_job(
+        program,
+        "def check(f):\n    assert f() < 16\n",
+        "f",
+    ));
+    if isolation.nproc_enforced {
+        assert_verdict(&r, CodeVerdict::Pass);
+    } else {
+        eprintln!("RLIMIT_NPROC not enforced here: {isolation:?}");
+    }
+}
+
+#[test]
+fn writes_outside_the_workdir_do_not_persist() {
+    let mark = marker();
+    let escape = PathBuf::from(format!("/tmp/distill-escape-{mark}"));
+    let temp_root = tempfile::tempdir().expect("tempdir");
+    let cfg = SandboxConfig {
+        temp_root: Some(temp_root.path().to_path_buf()),
+        ..tight()
+    };
+    let program = format!(
+        "def f():\n    with open('local.txt', 'w') as fh:\n        fh.write('ok')\n    with open('{}', 'w') as fh:\n        fh.write('escaped')\n",
+        escape.display()
+    );
+    let r = check(&func_job(&program, "def check(f):\n    f()\n", "f"), &cfg);
+    let escaped = escape.exists();
+    let _ = std::fs::remove_file(&escape);
+    if r.isolation.read_only_root {
+        assert!(!escaped, "file escaped the read-only sandbox");
+        assert_verdict(&r, CodeVerdict::RuntimeError);
+        assert!(
+            r.exception.as_deref().unwrap_or("").contains("OSError"),
+            "{r:#?}"
+        );
+    } else {
+        eprintln!(
+            "no read-only root here ({:?}); escape file existed: {escaped}",
+            r.isolation
+        );
+    }
+    // The working directory is removed after the run.
+    let left: Vec<_> = std::fs::read_dir(temp_root.path())
+        .expect("read temp root")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn network_is_unreachable() {
+    let program = r#"import socket
+def f():
+    results = []
+    for addr in [("1.1.1.1", 80), ("127.0.0.1", 22)]:
+        try:
+            s = socket.create_connection(addr, timeout=1)
+            s.close()
+            results.append("connected")
+        except OSError:
+            results.append("failed")
+    try:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.sendto(b"x", ("8.8.8.8", 53))
+        results.append("sent")
+    except OSError:
+        results.append("failed")
+    return results
+"#;
+    let r = check(
+        &func_job(
+            program,
+            "def check(f):\n    assert f() == ['failed'] * 3, f()\n",
+            "f",
+        ),
+        &tight(),
+    );
+    if r.isolation.net_namespace {
+        assert_verdict(&r, CodeVerdict::Pass);
+    } else {
+        eprintln!("no network namespace here: {r:#?}");
+    }
+}
+
+#[test]
+fn segfault_is_a_runtime_error() {
+    let r = check(
+        &func_job(
+            "import ctypes\ndef f():\n    return ctypes.string_at(0)\n",
+            "def check(f):\n    f()\n",
+            "f",
+        ),
+        &tight(),
+    );
+    assert_verdict(&r, CodeVerdict::RuntimeError);
+    assert_eq!(r.signal, Some(libc::SIGSEGV), "{r:#?}");
+}
+
+#[test]
+fn output_flood_is_capped() {
+    let cfg = SandboxConfig {
+        wall_timeout: Duration::from_secs(1),
+        max_output_bytes: 4096,
+        ..tight()
+    };
+    let r = check(
+        &func_job("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n    sys.stderr.write('y' * 65536)\n", "", "f"),
+        &cfg,
+    );
+    assert_verdict(&r, CodeVerdict::Timeout);
+    assert!(r.stderr_tail.len() <= 4096 + 16);
+}
+
+fn stdio_job(program: &str, cases: &[(&str, &str)]) -> CodeJob {
+    CodeJob {
+        prompt: "Read numbers and print things.".into(),
+        completion: program.into(),
+        tests: CodeTests::Stdio {
+            cases: cases
+                .iter()
+                .map(|(i, o)| StdioCase {
+                    input: (*i).into(),
+                    expected_output: (*o).into(),
+                })
+                .collect(),
+        },
+    }
+}
+
+#[test]
+fn stdio_programs_with_tolerant_comparison() {
+    let cases = [("1 2\n", "3\n"), ("10 -4\n", "6"), ("5 5\n", "10\n\n")];
+    let sum = "a, b = map(int, input().split())\nprint(a + b, ' ')\n";
+    let jobs = vec![
+        stdio_job(sum, &cases),
+        // Reads fd 0 directly and exits explicitly after printing: fine here.
+        stdio_job("import sys\na, b = map(int, open(0).read().split())\nprint(a + b)\nsys.exit(0)\n", &cases),
+        // Solution run in a thread with a bigger stack.
+        stdio_job("import threading\ndef main():\n    a, b = map(int, input().split())\n    print(a + b)\nthreading.stack_size(1 << 26)\nt = threading.Thread(target=main)\nt.start()\n", &cases),
+        // Floats within tolerance.
+        stdio_job("a, b = map(int, input().split())\nprint(f'{a / 3:.9f} {b}')\n", &[("1 7\n", "0.333333333333 7\n")]),
+        // Wrong answer on the second case.
+        stdio_job("a, b = map(int, input().split())\nprint(a + b if a < 10 else 0)\n", &cases),
+        // Runtime error.
+        stdio_job("a, b = map(int, input().split())\nprint(a // (b - b))\n", &cases),
+        // Syntax error.
+        stdio_job("print(\n", &cases),
+        // Nonzero exit status.
+        stdio_job("import sys\nprint(3)\nsys.exit(2)\n", &cases),
+        // Timeout.
+        stdio_job("while True:\n    pass\n", &cases),
+    ];
+    let cfg = SandboxConfig {
+        wall_timeout: Duration::from_secs(1),
+        ..tight()
+    };
+    let r = check_batch(&jobs, &cfg);
+    assert_verdict(&r[0], CodeVerdict::Pass);
+    assert_eq!((r[0].tests_passed, r[0].tests_total), (3, 3));
+    assert_verdict(&r[1], CodeVerdict::Pass);
+    assert_verdict(&r[2], CodeVerdict::Pass);
+    assert_verdict(&r[3], CodeVerdict::Pass);
+    assert_verdict(&r[4], CodeVerdict::WrongAnswer);
+    assert_eq!(r[4].failed_test, Some(1));
+    let mismatch = r[4].mismatch.as_ref().expect("mismatch recorded");
+    assert_eq!(mismatch.actual.trim(), "0");
+    assert_eq!(mismatch.expected.trim(), "6");
+    assert_verdict(&r[5], CodeVerdict::RuntimeError);
+    assert!(r[5]
+        .exception
+        .as_deref()
+        .unwrap_or("")
+        .contains("ZeroDivisionError"));
+    assert_verdict(&r[6], CodeVerdict::SyntaxError);
+    assert_verdict(&r[7], CodeVerdict::RuntimeError);
+    assert_eq!(r[7].exit_code, Some(2));
+    assert_verdict(&r[8], CodeVerdict::Timeout);
+}
+
+#[test]
+fn results_serialize_with_snake_case_verdicts() {
+    let r = check(
+        &func_job(
+            "def f():\n    return 2\n",
+            "def check(f):\n    assert f() == 1\n",
+            "f",
+        ),
+        &tight(),
+    );
+    let json = serde_json::to_value(&r).expect("serializable");
+    assert_eq!(json["verdict"], "wrong_answer");
+    assert!(json["isolation"]["rlimits"].as_bool().unwrap_or(false));
+}

@@ -1,0 +1,59 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `distill` binary built for this test run.
+pub fn distill() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_distill"));
+    c.env("RUST_LOG", "warn").env("NO_COLOR", "1");
+    c
+}
+
+/// Writes `n` GSM8K-shaped problems with distinct numbers to `path`.
+pub fn write_problems(path: &Path, n: usize) {
+    let mut s = String::new();
+    for i in 0..n {
+        let row = serde_json::json!({
+            "id": format!("p{i}"),
+            "question": format!("What is {} + {}?", i, 2 * i + 1),
+            "answer": format!("#### {}", 3 * i + 1),
+        });
+        s.push_str(&row.to_string());
+        s.push('\n');
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+/// Parses a trace file line by line (panics on a bad line: tests want exact files).
+pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// stderr of a finished command as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The SmolLM2-135M-Instruct GGUF fetched by `scripts/fetch-test-model.sh`.
+/// `DISTILL_TEST_MODEL` overrides the path.
+pub fn test_model() -> PathBuf {
+    if let Ok(p) = std::env::var("DISTILL_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("DISTILL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache"));
+    let p = cache.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "test model missing at {}: run scripts/fetch-test-model.sh (the README's test command does)",
+        p.display()
+    );
+    p
+}
