@@ -122,6 +122,7 @@ impl FakeServer {
         let st = stats.clone();
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
+                let _ = sock.set_nodelay(true);
                 let (cfg, st, seq) = (cfg.clone(), st.clone(), seq.clone());
                 tokio::spawn(async move {
                     let _ = serve_connection(sock, &cfg, &st, &seq).await;
@@ -360,8 +361,10 @@ async fn respond(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
+    // One write per response: a separate small write for the body would meet Nagle's algorithm
+    // and the peer's delayed ACK (a 40 ms stall per request).
+    head.push_str(body);
     sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
     sock.flush().await
 }
 
