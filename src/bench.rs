@@ -116,9 +116,15 @@ pub async fn openai(a: OpenAiBenchArgs) -> anyhow::Result<()> {
     let ids: HashSet<&str> = traces.iter().map(|t| t.id.as_str()).collect();
     let ideal = a.concurrency as f64 / latency.as_secs_f64();
     let rate = a.requests as f64 / wall;
-    println!("bench openai: {} requests, {} in flight, {} ms server latency", a.requests, a.concurrency, a.latency_ms);
+    println!(
+        "bench openai: {} requests, {} in flight, {} ms server latency",
+        a.requests, a.concurrency, a.latency_ms
+    );
     println!("  ideal (in flight / latency): {ideal:.1} req/s");
-    println!("  distill generate:            {rate:.1} req/s  = {:.1}% of ideal", 100.0 * rate / ideal);
+    println!(
+        "  distill generate:            {rate:.1} req/s  = {:.1}% of ideal",
+        100.0 * rate / ideal
+    );
     println!(
         "  records {} (unique ids {}), failed {}, lost {}",
         traces.len(),
@@ -154,14 +160,22 @@ pub async fn local(a: LocalBenchArgs) -> anyhow::Result<()> {
     for &streams in &[1usize, a.streams.max(1)] {
         let (mut best_raw, mut best_distill) = (0.0f64, 0.0f64);
         for _ in 0..a.rounds.max(1) {
-            best_raw = best_raw.max(raw_round(&teacher, &template, &problems[..streams], a.max_tokens).await?);
-            best_distill = best_distill.max(distill_round(&teacher, &template, &problems[..streams], a.max_tokens).await?);
+            best_raw = best_raw
+                .max(raw_round(&teacher, &template, &problems[..streams], a.max_tokens).await?);
+            best_distill = best_distill
+                .max(distill_round(&teacher, &template, &problems[..streams], a.max_tokens).await?);
         }
         rows.push(("tok/s", streams, best_raw, best_distill));
     }
-    println!("  {:>8} | {:>16} | {:>16} | {:>7}", "streams", "mistral.rs tok/s", "distill tok/s", "ratio");
+    println!(
+        "  {:>8} | {:>16} | {:>16} | {:>7}",
+        "streams", "mistral.rs tok/s", "distill tok/s", "ratio"
+    );
     for (_, streams, raw, dist) in rows {
-        println!("  {streams:>8} | {raw:>16.1} | {dist:>16.1} | {:>6.1}%", 100.0 * dist / raw.max(1e-9));
+        println!(
+            "  {streams:>8} | {raw:>16.1} | {dist:>16.1} | {:>6.1}%",
+            100.0 * dist / raw.max(1e-9)
+        );
     }
     Ok(())
 }
@@ -216,6 +230,12 @@ async fn distill_round(
         progress: false,
     };
     let t = Instant::now();
-    let s = generate::run(problems, template, teacher.clone() as Arc<dyn Teacher>, &cfg).await?;
+    let s = generate::run(
+        problems,
+        template,
+        teacher.clone() as Arc<dyn Teacher>,
+        &cfg,
+    )
+    .await?;
     Ok(s.completion_tokens as f64 / t.elapsed().as_secs_f64())
 }

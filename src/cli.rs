@@ -36,6 +36,10 @@ pub enum Command {
     Audit(AuditArgs),
     /// Score a JSONL dataset with the math or code checker, row by row.
     Check(CheckArgs),
+    /// Fine-tune a student with LoRA on trace records (chain-of-thought distillation).
+    Train(TrainArgs),
+    /// Fold a PEFT adapter into its base model and write a Hugging Face directory.
+    Merge(MergeArgs),
     /// Measure throughput against a peer in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -108,6 +112,91 @@ pub struct AuditArgs {
     /// Only print the terminal summary.
     #[arg(long)]
     pub no_html: bool,
+}
+
+/// Flags of `distill train`: a TOML config (see configs/lora-sft.toml) with flag overrides.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Run config (TOML); flags below override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Student: Hugging Face directory (config.json + safetensors) or GGUF file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Trace JSONL (`distill generate` output or `distill filter`'s kept.jsonl).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output directory: adapter, metrics.jsonl, checkpoints/.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Jinja chat template replacing the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Longest sample in tokens; longer traces are dropped and counted.
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Rows per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Optimizer steps (overrides epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the data.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Seed for LoRA init, data order and the validation split.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Validation loss every N steps.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// LoRA rank.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Pack several samples per row (no attention across them).
+    #[arg(long)]
+    pub packing: bool,
+    /// Resume from the latest checkpoint in the output directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Resume from this checkpoint directory.
+    #[arg(long, conflicts_with = "resume")]
+    pub resume_from: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Flags of `distill merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model: Hugging Face directory or GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Adapter directory (adapter_model.safetensors + adapter_config.json).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory for the merged Hugging Face model.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store weights as bf16 (half the size) instead of as loaded.
+    #[arg(long)]
+    pub bf16: bool,
 }
 
 /// Which checker `distill check` runs.
@@ -292,11 +381,26 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Generate(args) => rt.block_on(generate_cmd(args)),
         Command::Check(a) => check_cmd(a),
         Command::Filter(a) => filter_cmd(a),
+        Command::Train(a) => train_cmd(a),
+        Command::Merge(a) => {
+            let dtype = a.bf16.then_some(candle_core::DType::BF16);
+            let r = crate::train::merge(&a.model, &a.adapter, &a.out, dtype)?;
+            eprintln!(
+                "merge: folded {} adapter tensors into {}; wrote {}",
+                r.adapter_tensors,
+                a.model.display(),
+                r.out_dir.display()
+            );
+            Ok(Outcome::default())
+        }
         Command::Audit(a) => {
             let run = crate::audit::load_run(&a.run_dir)?;
             print!("{}", crate::audit::terminal_summary(&run));
             if !a.no_html {
-                let path = a.html.clone().unwrap_or_else(|| a.run_dir.join("report.html"));
+                let path = a
+                    .html
+                    .clone()
+                    .unwrap_or_else(|| a.run_dir.join("report.html"));
                 crate::audit::write_html(&run, &path)?;
                 eprintln!("distill: report written to {}", path.display());
             }
@@ -457,7 +561,8 @@ fn check_cmd(a: CheckArgs) -> anyhow::Result<Outcome> {
     let (mut input, name): (Box<dyn BufRead>, String) = if a.input == "-" {
         (Box::new(BufReader::new(std::io::stdin())), "<stdin>".into())
     } else {
-        let f = std::fs::File::open(&a.input).with_context(|| format!("{}: cannot open", a.input))?;
+        let f =
+            std::fs::File::open(&a.input).with_context(|| format!("{}: cannot open", a.input))?;
         (Box::new(BufReader::new(f)), a.input.clone())
     };
     // Write to a temporary sibling and rename at the end: a failed run never leaves half a file.
@@ -474,7 +579,9 @@ fn check_cmd(a: CheckArgs) -> anyhow::Result<Outcome> {
     };
     let started = std::time::Instant::now();
     if let Some(w) = a.workers {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(w.max(1)).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(w.max(1))
+            .build_global();
     }
     let summary = match a.kind {
         CheckKind::Math => {
@@ -524,7 +631,9 @@ fn check_code(
     };
     let sandbox = Sandbox::new(cfg)?;
     tracing::info!(isolation = ?sandbox.isolation(), "code sandbox ready");
-    Ok(crate::check::rows::check_code_rows(input, name, out, &sandbox)?)
+    Ok(crate::check::rows::check_code_rows(
+        input, name, out, &sandbox,
+    )?)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -558,32 +667,62 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
     }
     for id in &a.disable_rule {
         if rules.get(id).is_none() {
-            bail!("--disable-rule {id}: no rule with that id (loaded: {})", rules.rules().iter().map(|r| r.id()).collect::<Vec<_>>().join(", "));
+            bail!(
+                "--disable-rule {id}: no rule with that id (loaded: {})",
+                rules
+                    .rules()
+                    .iter()
+                    .map(|r| r.id())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         }
     }
     rules.retain(|r| !a.disable_rule.iter().any(|d| d == r.id()));
     let pass_rate = match &a.pass_rate {
         None => None,
         Some(s) => {
-            let parsed = s.split_once(':').and_then(|(lo, hi)| Some((lo.trim().parse::<f64>().ok()?, hi.trim().parse::<f64>().ok()?)));
+            let parsed = s.split_once(':').and_then(|(lo, hi)| {
+                Some((
+                    lo.trim().parse::<f64>().ok()?,
+                    hi.trim().parse::<f64>().ok()?,
+                ))
+            });
             match parsed {
-                Some((lo, hi)) if (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && lo <= hi => Some((lo, hi)),
-                _ => bail!("--pass-rate {s}: expected MIN:MAX with 0 <= MIN <= MAX <= 1, e.g. 0.1:0.9"),
+                Some((lo, hi))
+                    if (0.0..=1.0).contains(&lo) && (0.0..=1.0).contains(&hi) && lo <= hi =>
+                {
+                    Some((lo, hi))
+                }
+                _ => bail!(
+                    "--pass-rate {s}: expected MIN:MAX with 0 <= MIN <= MAX <= 1, e.g. 0.1:0.9"
+                ),
             }
         }
     };
     let eval_index = if a.eval_set.is_empty() {
         None
     } else {
-        let mut index = EvalIndex::new(DecontamParams { n: a.ngram, ..DecontamParams::default() })?;
+        let mut index = EvalIndex::new(DecontamParams {
+            n: a.ngram,
+            ..DecontamParams::default()
+        })?;
         for p in &a.eval_set {
             let ds = dataset::load(p, Preset::Auto, &FieldMap::default(), false)?;
-            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
             for prob in &ds.problems {
                 index.add(format!("{stem}/{}", prob.id), &prob.question);
             }
         }
-        eprintln!("distill: decontaminating against {} eval items ({} {}-grams)", index.num_items(), index.num_ngrams(), a.ngram);
+        eprintln!(
+            "distill: decontaminating against {} eval items ({} {}-grams)",
+            index.num_items(),
+            index.num_ngrams(),
+            a.ngram
+        );
         Some(index)
     };
     let dedup = if a.no_exact_dup && a.no_near_dup {
@@ -591,7 +730,11 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
     } else {
         Some(DedupConfig {
             exact: !a.no_exact_dup,
-            near: if a.no_near_dup { None } else { Some(MinHashParams::with_threshold(a.near_dup)?) },
+            near: if a.no_near_dup {
+                None
+            } else {
+                Some(MinHashParams::with_threshold(a.near_dup)?)
+            },
         })
     };
     #[cfg(target_os = "linux")]
@@ -611,7 +754,10 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
     let cfg = FilterConfig {
         rules,
         checker: a.checker,
-        math: crate::check::math::MathOptions { budget_ms: a.math_budget_ms, ..Default::default() },
+        math: crate::check::math::MathOptions {
+            budget_ms: a.math_budget_ms,
+            ..Default::default()
+        },
         #[cfg(target_os = "linux")]
         sandbox,
         dedup,
@@ -625,5 +771,68 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
     let summary = stage::run(&a.traces, &cfg)?;
     eprint!("{summary}");
     eprintln!("  outputs in {}", a.out_dir.display());
+    Ok(Outcome::default())
+}
+
+fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
+    use crate::train::config::{Resume, TrainConfig, TrainOverrides};
+    let base = match &a.config {
+        Some(p) => TrainConfig::from_file(p)?,
+        None => TrainConfig::default(),
+    };
+    let overrides = TrainOverrides {
+        model: a.model.clone(),
+        data: a.data.clone(),
+        out_dir: a.out.clone(),
+        chat_template: a.chat_template.clone(),
+        max_len: a.max_len,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        warmup_steps: a.warmup_steps,
+        max_steps: a.max_steps,
+        epochs: a.epochs,
+        seed: a.seed,
+        save_every: a.save_every,
+        eval_every: a.eval_every,
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_alpha,
+        packing: a.packing.then_some(true),
+        device: None,
+        resume: match (&a.resume_from, a.resume) {
+            (Some(p), _) => Some(Resume::From(p.clone())),
+            (None, true) => Some(Resume::Latest),
+            (None, false) => None,
+        },
+        stop_after: None,
+        quiet: a.quiet,
+    };
+    let cfg = overrides.apply(&base);
+    if cfg.model.as_os_str().is_empty() {
+        bail!(
+            "--model is required (or `model` in --config): a Hugging Face directory or GGUF file"
+        );
+    }
+    if cfg.data.as_os_str().is_empty() {
+        bail!("--data is required (or `data` in --config): a trace JSONL file");
+    }
+    let report = crate::train::train(&cfg, &overrides)?;
+    eprintln!(
+        "train: {} steps, {} tokens in {:.1}s ({:.1} tokens/s), final loss {}, val loss {}",
+        report.steps,
+        report.tokens,
+        report.elapsed_s,
+        report.tokens_per_s,
+        report
+            .history
+            .last()
+            .map_or("n/a".to_string(), |m| format!("{:.4}", m.loss)),
+        report
+            .val_loss
+            .map_or("n/a".to_string(), |v| format!("{v:.4}"))
+    );
+    if let Some(dir) = &report.adapter_dir {
+        eprintln!("train: PEFT adapter in {}", dir.display());
+    }
     Ok(Outcome::default())
 }

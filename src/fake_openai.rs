@@ -230,19 +230,49 @@ async fn serve_connection(
                     }
                     Some(Fault::RateLimited) => {
                         let b = json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}});
-                        respond(reader.get_mut(), 429, &[("Retry-After", "1")], &b.to_string()).await?;
+                        respond(
+                            reader.get_mut(),
+                            429,
+                            &[("Retry-After", "1")],
+                            &b.to_string(),
+                        )
+                        .await?;
                     }
                     Some(Fault::Internal) => {
-                        respond(reader.get_mut(), 500, &[], "{\"error\":{\"message\":\"internal error\"}}").await?;
+                        respond(
+                            reader.get_mut(),
+                            500,
+                            &[],
+                            "{\"error\":{\"message\":\"internal error\"}}",
+                        )
+                        .await?;
                     }
                     Some(Fault::Unavailable) => {
-                        respond(reader.get_mut(), 503, &[], "<html>503 Service Unavailable</html>").await?;
+                        respond(
+                            reader.get_mut(),
+                            503,
+                            &[],
+                            "<html>503 Service Unavailable</html>",
+                        )
+                        .await?;
                     }
                     Some(Fault::MalformedJson) => {
-                        respond(reader.get_mut(), 200, &[], "{\"id\": \"chatcmpl-1\", \"choices\": [{\"mess").await?;
+                        respond(
+                            reader.get_mut(),
+                            200,
+                            &[],
+                            "{\"id\": \"chatcmpl-1\", \"choices\": [{\"mess",
+                        )
+                        .await?;
                     }
                     Some(Fault::WrongSchema) => {
-                        respond(reader.get_mut(), 200, &[], "{\"id\": \"chatcmpl-1\", \"result\": \"ok\"}").await?;
+                        respond(
+                            reader.get_mut(),
+                            200,
+                            &[],
+                            "{\"id\": \"chatcmpl-1\", \"result\": \"ok\"}",
+                        )
+                        .await?;
                     }
                     Some(Fault::Slow) => {
                         tokio::time::sleep(cfg.slow).await;
@@ -261,7 +291,13 @@ async fn serve_connection(
                 }
             }
             _ => {
-                respond(reader.get_mut(), 404, &[], "{\"error\":{\"message\":\"not found\"}}").await?;
+                respond(
+                    reader.get_mut(),
+                    404,
+                    &[],
+                    "{\"error\":{\"message\":\"not found\"}}",
+                )
+                .await?;
             }
         }
     }
@@ -283,7 +319,9 @@ fn completion(req: &Value, cfg: &FakeConfig, n: u64) -> Value {
         .filter_map(|w| w.parse::<i64>().ok())
         .sum();
     let max_tokens = req.get("max_tokens").and_then(Value::as_u64).unwrap_or(256);
-    let full = format!("<think>\nAdd the numbers in the question.\n</think>\nThe answer is \\boxed{{{sum}}}.");
+    let full = format!(
+        "<think>\nAdd the numbers in the question.\n</think>\nThe answer is \\boxed{{{sum}}}."
+    );
     let words: Vec<&str> = full.split_inclusive(' ').collect();
     let (text, finish) = if (words.len() as u64) > max_tokens {
         (words[..max_tokens as usize].concat(), "length")
@@ -299,7 +337,13 @@ fn completion(req: &Value, cfg: &FakeConfig, n: u64) -> Value {
     if req.get("logprobs").and_then(Value::as_bool) == Some(true) {
         let k = req.get("top_logprobs").and_then(Value::as_u64).unwrap_or(0) as usize;
         // p = 0.5 for the chosen token, 0.25 and 0.125 for alternatives.
-        let lp = |p: f64| if cfg.mistralrs_style { p.log10() } else { p.ln() };
+        let lp = |p: f64| {
+            if cfg.mistralrs_style {
+                p.log10()
+            } else {
+                p.ln()
+            }
+        };
         let content: Vec<Value> = text
             .split_inclusive(' ')
             .map(|w| {

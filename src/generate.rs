@@ -249,26 +249,27 @@ pub async fn run_until(
     // The single writer: records arrive over a channel and are appended in arrival order.
     let (tx, mut rx) = mpsc::channel::<Trace>(256);
     let writer_pb = pb.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<(TraceFile, Vec<Trace>), TraceFileError> {
-        let mut written = Vec::new();
-        let mut last_sync = Instant::now();
-        while let Some(t) = rx.blocking_recv() {
-            file.append(&t)?;
-            if last_sync.elapsed() > Duration::from_secs(5) {
-                file.sync()?;
-                last_sync = Instant::now();
+    let writer =
+        tokio::task::spawn_blocking(move || -> Result<(TraceFile, Vec<Trace>), TraceFileError> {
+            let mut written = Vec::new();
+            let mut last_sync = Instant::now();
+            while let Some(t) = rx.blocking_recv() {
+                file.append(&t)?;
+                if last_sync.elapsed() > Duration::from_secs(5) {
+                    file.sync()?;
+                    last_sync = Instant::now();
+                }
+                writer_pb.inc(1);
+                // Keep only what the summary needs.
+                let mut slim = t;
+                slim.messages.clear();
+                slim.completion = slim.completion.map(|_| String::new());
+                slim.logprobs = None;
+                written.push(slim);
             }
-            writer_pb.inc(1);
-            // Keep only what the summary needs.
-            let mut slim = t;
-            slim.messages.clear();
-            slim.completion = slim.completion.map(|_| String::new());
-            slim.logprobs = None;
-            written.push(slim);
-        }
-        file.sync()?;
-        Ok((file, written))
-    });
+            file.sync()?;
+            Ok((file, written))
+        });
 
     let sem = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let mut tasks: JoinSet<Option<(String, String)>> = JoinSet::new();
@@ -341,12 +342,10 @@ pub async fn run_until(
         }
     }
     drop(tx);
-    let (_file, written) = writer
-        .await
-        .map_err(|e| TraceFileError::Io {
-            path: cfg.out.clone(),
-            source: std::io::Error::other(e),
-        })??;
+    let (_file, written) = writer.await.map_err(|e| TraceFileError::Io {
+        path: cfg.out.clone(),
+        source: std::io::Error::other(e),
+    })??;
     pb.finish_and_clear();
 
     for t in &written {

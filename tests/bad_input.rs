@@ -5,33 +5,66 @@ mod common;
 use common::{distill, stderr, write_problems};
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let o = distill().args(args).env_remove("OPENAI_API_KEY").output().unwrap();
+    let o = distill()
+        .args(args)
+        .env_remove("OPENAI_API_KEY")
+        .output()
+        .unwrap();
     (o.status.code(), stderr(&o))
 }
 
 fn one_line_error(e: &str) -> &str {
-    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("distill: error:")).collect();
+    let lines: Vec<&str> = e
+        .lines()
+        .filter(|l| l.starts_with("distill: error:"))
+        .collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {e}");
     lines[0]
 }
 
 #[test]
 fn missing_dataset_file() {
-    let (code, e) = run(&["generate", "--teacher", "openai", "--base-url", "http://127.0.0.1:9/v1", "--dataset", "/nonexistent/problems.jsonl"]);
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--dataset",
+        "/nonexistent/problems.jsonl",
+    ]);
     assert_eq!(code, Some(2));
     let l = one_line_error(&e);
-    assert!(l.contains("/nonexistent/problems.jsonl") && l.contains("No such file"), "{l}");
+    assert!(
+        l.contains("/nonexistent/problems.jsonl") && l.contains("No such file"),
+        "{l}"
+    );
 }
 
 #[test]
 fn malformed_jsonl_line_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.jsonl");
-    std::fs::write(&p, "{\"question\":\"1+1\",\"answer\":\"#### 2\"}\n{\"question\": \"2+2\", \"answer\": \n").unwrap();
-    let (code, e) = run(&["generate", "--teacher", "openai", "--base-url", "http://127.0.0.1:9/v1", "--dataset", p.to_str().unwrap()]);
+    std::fs::write(
+        &p,
+        "{\"question\":\"1+1\",\"answer\":\"#### 2\"}\n{\"question\": \"2+2\", \"answer\": \n",
+    )
+    .unwrap();
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--dataset",
+        p.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(2));
     let l = one_line_error(&e);
-    assert!(l.contains("bad.jsonl:2:") && l.contains("malformed JSON"), "{l}");
+    assert!(
+        l.contains("bad.jsonl:2:") && l.contains("malformed JSON"),
+        "{l}"
+    );
 }
 
 #[test]
@@ -39,10 +72,23 @@ fn missing_preset_field_names_line_field_and_fix() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("math.jsonl");
     std::fs::write(&p, "{\"problem\":\"x\",\"solution\":\"\\\\boxed{1}\"}\n").unwrap();
-    let (code, e) = run(&["generate", "--teacher", "openai", "--base-url", "http://127.0.0.1:9/v1", "--dataset", p.to_str().unwrap(), "--preset", "gsm8k"]);
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--dataset",
+        p.to_str().unwrap(),
+        "--preset",
+        "gsm8k",
+    ]);
     assert_eq!(code, Some(2));
     let l = one_line_error(&e);
-    assert!(l.contains("math.jsonl:1: field `question` is missing (preset gsm8k)"), "{l}");
+    assert!(
+        l.contains("math.jsonl:1: field `question` is missing (preset gsm8k)"),
+        "{l}"
+    );
     assert!(l.contains("--question-field"), "{l}");
 }
 
@@ -50,7 +96,10 @@ fn missing_preset_field_names_line_field_and_fix() {
 fn unknown_preset_lists_the_valid_ones() {
     let (code, e) = run(&["generate", "--dataset", "x.jsonl", "--preset", "gsm9k"]);
     assert_eq!(code, Some(2));
-    assert!(e.contains("gsm9k") && e.contains("gsm8k") && e.contains("humaneval"), "{e}");
+    assert!(
+        e.contains("gsm9k") && e.contains("gsm8k") && e.contains("humaneval"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -58,12 +107,28 @@ fn unreachable_endpoint_says_which_and_why() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p.jsonl");
     write_problems(&p, 2);
-    let (code, e) = run(&["generate", "--teacher", "openai", "--base-url", "http://127.0.0.1:9/v1", "--dataset", p.to_str().unwrap(), "--out", dir.path().join("o.jsonl").to_str().unwrap()]);
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--dataset",
+        p.to_str().unwrap(),
+        "--out",
+        dir.path().join("o.jsonl").to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(2));
     let l = one_line_error(&e);
-    assert!(l.contains("cannot reach") && l.contains("http://127.0.0.1:9/v1"), "{l}");
+    assert!(
+        l.contains("cannot reach") && l.contains("http://127.0.0.1:9/v1"),
+        "{l}"
+    );
     assert!(l.to_lowercase().contains("refused"), "{l}");
-    assert!(!dir.path().join("o.jsonl").exists(), "output created although nothing ran");
+    assert!(
+        !dir.path().join("o.jsonl").exists(),
+        "output created although nothing ran"
+    );
 }
 
 #[test]
@@ -71,10 +136,23 @@ fn missing_api_key_variable_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p.jsonl");
     write_problems(&p, 2);
-    let (code, e) = run(&["generate", "--teacher", "openai", "--base-url", "http://127.0.0.1:9/v1", "--api-key-env", "DISTILL_NO_SUCH_KEY", "--dataset", p.to_str().unwrap()]);
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--api-key-env",
+        "DISTILL_NO_SUCH_KEY",
+        "--dataset",
+        p.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(2));
     let l = one_line_error(&e);
-    assert!(l.contains("environment variable DISTILL_NO_SUCH_KEY is not set"), "{l}");
+    assert!(
+        l.contains("environment variable DISTILL_NO_SUCH_KEY is not set"),
+        "{l}"
+    );
 }
 
 #[test]
@@ -82,10 +160,21 @@ fn missing_local_model_path() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("p.jsonl");
     write_problems(&p, 1);
-    let (code, e) = run(&["generate", "--teacher", "local", "--model", "./no/such/model.gguf", "--dataset", p.to_str().unwrap()]);
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "local",
+        "--model",
+        "./no/such/model.gguf",
+        "--dataset",
+        p.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(2));
     let l = one_line_error(&e);
-    assert!(l.contains("./no/such/model.gguf") && l.contains("no such file"), "{l}");
+    assert!(
+        l.contains("./no/such/model.gguf") && l.contains("no such file"),
+        "{l}"
+    );
 }
 
 #[test]
@@ -96,10 +185,25 @@ fn corrupt_output_file_is_named_not_overwritten() {
     let out = dir.path().join("traces.jsonl");
     std::fs::write(&out, "not json at all\n{}\n").unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let server = rt.block_on(distill::fake_openai::FakeServer::start(Default::default())).unwrap();
-    let (code, e) = run(&["generate", "--teacher", "openai", "--base-url", &server.base_url(), "--dataset", p.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let server = rt
+        .block_on(distill::fake_openai::FakeServer::start(Default::default()))
+        .unwrap();
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        &server.base_url(),
+        "--dataset",
+        p.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(2));
     let l = one_line_error(&e);
     assert!(l.contains("traces.jsonl:1:"), "{l}");
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "not json at all\n{}\n");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "not json at all\n{}\n"
+    );
 }

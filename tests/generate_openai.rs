@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{distill, read_lines, stderr, write_problems};
-use distill::fake_openai::{Fault, FakeConfig, FakeServer};
+use distill::fake_openai::{FakeConfig, FakeServer, Fault};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -17,10 +17,30 @@ fn rt() -> tokio::runtime::Runtime {
 
 fn generate_args(base: &str, dataset: &std::path::Path, out: &std::path::Path) -> Vec<String> {
     [
-        "generate", "--teacher", "openai", "--base-url", base, "--model", "fake-teacher",
-        "--dataset", dataset.to_str().unwrap(), "--preset", "gsm8k", "--n", "2",
-        "--out", out.to_str().unwrap(), "--quiet", "--timeout", "1", "--concurrency", "16",
-        "--max-tokens", "64", "--seed", "7",
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        base,
+        "--model",
+        "fake-teacher",
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--preset",
+        "gsm8k",
+        "--n",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--timeout",
+        "1",
+        "--concurrency",
+        "16",
+        "--max-tokens",
+        "64",
+        "--seed",
+        "7",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -48,10 +68,16 @@ fn faults_are_recovered_or_recorded_with_exactly_one_record_per_sample() {
     let elapsed = t.elapsed();
     let records = read_lines(&out);
     assert_eq!(records.len(), 80, "stderr: {}", stderr(&o));
-    let ids: HashSet<_> = records.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let ids: HashSet<_> = records
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 80, "duplicate ids");
     let failed = records.iter().filter(|r| r.get("error").is_some()).count();
-    let retried = records.iter().filter(|r| r["attempts"].as_u64().unwrap() > 1).count();
+    let retried = records
+        .iter()
+        .filter(|r| r["attempts"].as_u64().unwrap() > 1)
+        .count();
     // Every record is either a recovered completion or a recorded failure.
     for r in &records {
         let ok = r["completion"].is_string() && r["finish_reason"] == "stop";
@@ -60,23 +86,46 @@ fn faults_are_recovered_or_recorded_with_exactly_one_record_per_sample() {
     }
     let faults = server.stats.faults();
     for kind in Fault::ALL {
-        assert!(faults.contains_key(&format!("{kind:?}")), "fault {kind:?} never injected: {faults:?}");
+        assert!(
+            faults.contains_key(&format!("{kind:?}")),
+            "fault {kind:?} never injected: {faults:?}"
+        );
     }
     let injected: u64 = faults.values().sum();
     assert!(injected >= 20, "{faults:?}");
     assert!(retried >= 15, "only {retried} records needed a retry");
     // Exit code tells whether anything failed.
-    assert_eq!(o.status.code(), Some(if failed > 0 { 1 } else { 0 }), "{}", stderr(&o));
-    assert!(stderr(&o).contains("generate: 80 samples"), "{}", stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(if failed > 0 { 1 } else { 0 }),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("generate: 80 samples"),
+        "{}",
+        stderr(&o)
+    );
     // Same ids on a rerun: nothing new is requested.
-    let before = server.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let before = server
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
     let o2 = distill().args(&args).output().unwrap();
     assert_eq!(read_lines(&out).len(), 80);
-    let after = server.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let after = server
+        .stats
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
     // Only the failed samples are requested again (each at least once).
     assert!(after - before >= failed as u64, "{}", stderr(&o2));
     if failed == 0 {
-        assert_eq!(after, before, "rerun re-requested finished samples: {}", stderr(&o2));
+        assert_eq!(
+            after,
+            before,
+            "rerun re-requested finished samples: {}",
+            stderr(&o2)
+        );
     }
     eprintln!("80 samples with {injected} injected faults in {elapsed:?}, {retried} retried, {failed} failed");
 }
@@ -101,17 +150,32 @@ fn failed_samples_are_recorded_then_retried_by_the_next_run() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let records = read_lines(&out);
     assert_eq!(records.len(), 20);
-    assert!(records.iter().all(|r| r["error"]["message"].as_str().unwrap().contains("gave up after 2 attempts")));
-    assert!(!distill::generate::summary_path(&out).exists(), "summary written for an incomplete run");
+    assert!(records.iter().all(|r| r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("gave up after 2 attempts")));
+    assert!(
+        !distill::generate::summary_path(&out).exists(),
+        "summary written for an incomplete run"
+    );
 
-    let healthy = rt.block_on(FakeServer::start(FakeConfig::default())).unwrap();
+    let healthy = rt
+        .block_on(FakeServer::start(FakeConfig::default()))
+        .unwrap();
     let args = generate_args(&healthy.base_url(), &data, &out);
     let o = distill().args(&args).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let records = read_lines(&out);
-    assert_eq!(records.len(), 20, "failed records must be replaced, not duplicated");
+    assert_eq!(
+        records.len(),
+        20,
+        "failed records must be replaced, not duplicated"
+    );
     assert!(records.iter().all(|r| r.get("error").is_none()));
-    let ids: HashSet<_> = records.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let ids: HashSet<_> = records
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 20);
     assert!(distill::generate::summary_path(&out).exists());
 }
@@ -152,10 +216,17 @@ fn sigkill_mid_run_then_rerun_gives_every_sample_exactly_once() {
 
     let o = distill().args(&args).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(stderr(&o).contains("repaired a torn last line"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("repaired a torn last line"),
+        "{}",
+        stderr(&o)
+    );
     let records = read_lines(&out);
     assert_eq!(records.len(), 80);
-    let ids: HashSet<_> = records.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+    let ids: HashSet<_> = records
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 80);
     for p in &partial {
         assert!(ids.contains(p["id"].as_str().unwrap()));
@@ -163,7 +234,12 @@ fn sigkill_mid_run_then_rerun_gives_every_sample_exactly_once() {
     // Each (problem, sample) pair appears once.
     let pairs: HashSet<_> = records
         .iter()
-        .map(|r| (r["problem_id"].as_str().unwrap().to_string(), r["sample_index"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["problem_id"].as_str().unwrap().to_string(),
+                r["sample_index"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(pairs.len(), 80);
 }
@@ -171,7 +247,9 @@ fn sigkill_mid_run_then_rerun_gives_every_sample_exactly_once() {
 #[test]
 fn truncated_traces_are_kept_and_labelled_and_think_blocks_split() {
     let rt = rt();
-    let server = rt.block_on(FakeServer::start(FakeConfig::default())).unwrap();
+    let server = rt
+        .block_on(FakeServer::start(FakeConfig::default()))
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("p.jsonl");
     write_problems(&data, 3);
@@ -183,11 +261,16 @@ fn truncated_traces_are_kept_and_labelled_and_think_blocks_split() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let r = read_lines(&out);
     assert_eq!(r.len(), 6);
-    assert!(r.iter().all(|t| t["finish_reason"] == "length" && t["attempts"] == 1));
+    assert!(r
+        .iter()
+        .all(|t| t["finish_reason"] == "length" && t["attempts"] == 1));
     assert!(stderr(&o).contains("6 truncated"), "{}", stderr(&o));
 
     let out = dir.path().join("full.jsonl");
-    let o = distill().args(generate_args(&server.base_url(), &data, &out)).output().unwrap();
+    let o = distill()
+        .args(generate_args(&server.base_url(), &data, &out))
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let r = read_lines(&out);
     let t = &r[0];
@@ -199,7 +282,10 @@ fn truncated_traces_are_kept_and_labelled_and_think_blocks_split() {
     assert!(t["sampling"]["seed"].is_u64());
     assert!(t["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     assert!(t["reference"]["answer"].is_string());
-    assert_eq!(t["messages"].as_array().unwrap().last().unwrap()["role"], "user");
+    assert_eq!(
+        t["messages"].as_array().unwrap().last().unwrap()["role"],
+        "user"
+    );
 }
 
 #[test]
@@ -225,7 +311,12 @@ fn mistralrs_style_log10_logprobs_are_converted_to_nats() {
         // The server's chosen token has p = 0.5 whatever unit it reported in.
         let got = lp["logprob"].as_f64().unwrap();
         assert!((got - 0.5f64.ln()).abs() < 1e-4, "style {style}: {got}");
-        let top: Vec<f64> = lp["top"].as_array().unwrap().iter().map(|t| t[1].as_f64().unwrap()).collect();
+        let top: Vec<f64> = lp["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t[1].as_f64().unwrap())
+            .collect();
         assert_eq!(top.len(), 3);
         assert!((top[1] - 0.25f64.ln()).abs() < 1e-4);
         assert_eq!(r[0]["sampling"]["top_logprobs"], 3);
@@ -235,18 +326,37 @@ fn mistralrs_style_log10_logprobs_are_converted_to_nats() {
 #[test]
 fn fleet_routes_around_a_dead_endpoint_and_spreads_load() {
     let rt = rt();
-    let a = rt.block_on(FakeServer::start(FakeConfig { latency: Duration::from_millis(20), ..Default::default() })).unwrap();
-    let b = rt.block_on(FakeServer::start(FakeConfig { latency: Duration::from_millis(20), ..Default::default() })).unwrap();
+    let a = rt
+        .block_on(FakeServer::start(FakeConfig {
+            latency: Duration::from_millis(20),
+            ..Default::default()
+        }))
+        .unwrap();
+    let b = rt
+        .block_on(FakeServer::start(FakeConfig {
+            latency: Duration::from_millis(20),
+            ..Default::default()
+        }))
+        .unwrap();
     // A third endpoint that accepts connections and then always fails.
     let c = rt
-        .block_on(FakeServer::start(FakeConfig { fault_rate: 1.0, faults: vec![Fault::Unavailable], ..Default::default() }))
+        .block_on(FakeServer::start(FakeConfig {
+            fault_rate: 1.0,
+            faults: vec![Fault::Unavailable],
+            ..Default::default()
+        }))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("p.jsonl");
     let out = dir.path().join("t.jsonl");
     write_problems(&data, 30);
     let mut args = generate_args(&a.base_url(), &data, &out);
-    args.extend(["--base-url".into(), b.base_url(), "--base-url".into(), c.base_url()]);
+    args.extend([
+        "--base-url".into(),
+        b.base_url(),
+        "--base-url".into(),
+        c.base_url(),
+    ]);
     let o = distill().args(&args).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let r = read_lines(&out);
@@ -254,9 +364,15 @@ fn fleet_routes_around_a_dead_endpoint_and_spreads_load() {
     let served_a = a.stats.ok.load(std::sync::atomic::Ordering::Relaxed);
     let served_b = b.stats.ok.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(served_a + served_b, 60);
-    assert!(served_a >= 10 && served_b >= 10, "load not spread: {served_a} / {served_b}");
+    assert!(
+        served_a >= 10 && served_b >= 10,
+        "load not spread: {served_a} / {served_b}"
+    );
     let tried_c = c.stats.requests.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(tried_c < 20, "kept sending to the failing endpoint: {tried_c}");
+    assert!(
+        tried_c < 20,
+        "kept sending to the failing endpoint: {tried_c}"
+    );
     assert!(r.iter().all(|t| t["endpoint"] != c.base_url()));
 }
 
@@ -264,7 +380,10 @@ fn fleet_routes_around_a_dead_endpoint_and_spreads_load() {
 fn api_key_is_sent_and_a_wrong_one_stops_the_run() {
     let rt = rt();
     let server = rt
-        .block_on(FakeServer::start(FakeConfig { api_key: Some("sk-test-123".into()), ..Default::default() }))
+        .block_on(FakeServer::start(FakeConfig {
+            api_key: Some("sk-test-123".into()),
+            ..Default::default()
+        }))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("p.jsonl");
@@ -272,7 +391,11 @@ fn api_key_is_sent_and_a_wrong_one_stops_the_run() {
     let out = dir.path().join("t.jsonl");
     let mut args = generate_args(&server.base_url(), &data, &out);
     args.extend(["--api-key-env".into(), "DISTILL_TEST_KEY".into()]);
-    let o = distill().args(&args).env("DISTILL_TEST_KEY", "sk-test-123").output().unwrap();
+    let o = distill()
+        .args(&args)
+        .env("DISTILL_TEST_KEY", "sk-test-123")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(read_lines(&out).len(), 4);
 
@@ -281,9 +404,16 @@ fn api_key_is_sent_and_a_wrong_one_stops_the_run() {
         .into_iter()
         .chain(["--api-key-env".into(), "DISTILL_TEST_KEY".into()])
         .collect::<Vec<_>>();
-    let o = distill().args(&args).env("DISTILL_TEST_KEY", "sk-wrong-999").output().unwrap();
+    let o = distill()
+        .args(&args)
+        .env("DISTILL_TEST_KEY", "sk-wrong-999")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
     assert!(e.contains("authentication failed (HTTP 401)"), "{e}");
-    assert!(!e.contains("sk-wrong-999"), "key leaked into the error: {e}");
+    assert!(
+        !e.contains("sk-wrong-999"),
+        "key leaked into the error: {e}"
+    );
 }

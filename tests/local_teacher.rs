@@ -20,9 +20,26 @@ fn cli_generates_real_traces_with_the_embedded_engine() {
     let dataset = concat!(env!("CARGO_MANIFEST_DIR"), "/datasets/arith_tiny.jsonl");
     let o = distill()
         .args([
-            "generate", "--teacher", "local", "--model", model.to_str().unwrap(),
-            "--dataset", dataset, "--limit", "2", "--n", "1", "--max-tokens", "40",
-            "--temperature", "0", "--seed", "1", "--quiet", "--out", out.to_str().unwrap(),
+            "generate",
+            "--teacher",
+            "local",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            dataset,
+            "--limit",
+            "2",
+            "--n",
+            "1",
+            "--max-tokens",
+            "40",
+            "--temperature",
+            "0",
+            "--seed",
+            "1",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -32,7 +49,10 @@ fn cli_generates_real_traces_with_the_embedded_engine() {
     for t in &r {
         let c = t["completion"].as_str().unwrap();
         assert!(!c.trim().is_empty(), "empty completion: {t}");
-        assert!(matches!(t["finish_reason"].as_str(), Some("stop" | "length")));
+        assert!(matches!(
+            t["finish_reason"].as_str(),
+            Some("stop" | "length")
+        ));
         assert!(t["usage"]["completion_tokens"].as_u64().unwrap() > 0);
         assert!(t["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
         assert_eq!(t["teacher"]["backend"], "local");
@@ -62,7 +82,10 @@ fn logprobs_are_natural_log_probabilities() {
         .await
         .unwrap();
         let ds = dataset::load(
-            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/datasets/arith_tiny.jsonl")),
+            std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/datasets/arith_tiny.jsonl"
+            )),
             Preset::Gsm8k,
             &FieldMap::default(),
             false,
@@ -86,21 +109,37 @@ fn logprobs_are_natural_log_probabilities() {
             progress: false,
         };
         let teacher: Arc<dyn Teacher> = Arc::new(teacher);
-        let s = generate::run(&ds.problems[..1], &PromptTemplate::load("gsm8k").unwrap(), teacher, &cfg)
-            .await
-            .unwrap();
+        let s = generate::run(
+            &ds.problems[..1],
+            &PromptTemplate::load("gsm8k").unwrap(),
+            teacher,
+            &cfg,
+        )
+        .await
+        .unwrap();
         assert_eq!(s.samples_ok, 1);
         let r = read_lines(&out);
         let lps = r[0]["logprobs"].as_array().unwrap();
         assert!(!lps.is_empty());
         for lp in lps {
-            let top: Vec<f64> = lp["top"].as_array().unwrap().iter().map(|t| t[1].as_f64().unwrap()).collect();
+            let top: Vec<f64> = lp["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t[1].as_f64().unwrap())
+                .collect();
             assert_eq!(top.len(), 5);
             // In nats the top-5 probabilities of a full softmax sum to at most 1; read as log10
             // they would not (e.g. ln p = -0.3 gives 0.74 in nats but 10^-0.3 = 0.5).
             let mass: f64 = top.iter().map(|l| l.exp()).sum();
-            assert!(mass <= 1.0 + 1e-3 && mass > 0.2, "top-5 mass {mass} from {top:?}");
-            assert!(top.windows(2).all(|w| w[0] >= w[1] - 1e-6), "not sorted: {top:?}");
+            assert!(
+                mass <= 1.0 + 1e-3 && mass > 0.2,
+                "top-5 mass {mass} from {top:?}"
+            );
+            assert!(
+                top.windows(2).all(|w| w[0] >= w[1] - 1e-6),
+                "not sorted: {top:?}"
+            );
         }
     });
 }

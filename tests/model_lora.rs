@@ -461,7 +461,6 @@ fn hf_dir_load_and_merged_export() -> R<()> {
     Ok(())
 }
 
-
 #[test]
 fn smollm2_gguf_tokenizer_and_greedy_answer() -> R<()> {
     let path = common::test_model();

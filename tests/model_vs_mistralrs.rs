@@ -13,7 +13,9 @@ use distill::model::load::BaseModel;
 use distill::model::tokenizer::ChatMessage;
 use distill::model::{ForwardOptions, Packing};
 use mistralrs::core::{RequestMessage, ResponseOk};
-use mistralrs::{Constraint, GgufModelBuilder, NormalRequest, Request, SamplingParams, TokenSource};
+use mistralrs::{
+    Constraint, GgufModelBuilder, NormalRequest, Request, SamplingParams, TokenSource,
+};
 
 #[test]
 fn gguf_student_logits_match_mistralrs() {
@@ -31,10 +33,21 @@ fn gguf_student_logits_match_mistralrs() {
 
     // Ours: all positions.
     let student = base.student(None, DType::F32, &dev).unwrap();
-    let input = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let packing = Packing::causal(1, ids.len(), &dev).unwrap();
-    let out = student.forward(&input, &packing, &ForwardOptions::default()).unwrap();
-    let ours = student.logits(&out.hidden).unwrap().squeeze(0).unwrap().to_dtype(DType::F32).unwrap();
+    let out = student
+        .forward(&input, &packing, &ForwardOptions::default())
+        .unwrap();
+    let ours = student
+        .logits(&out.hidden)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
 
     // mistral.rs: teacher-forced raw logits of every position.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -50,7 +63,10 @@ fn gguf_student_logits_match_mistralrs() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
         let req = Request::Normal(Box::new(NormalRequest {
             messages: RequestMessage::CompletionTokens(ids.clone()),
-            sampling_params: SamplingParams { max_len: Some(0), ..SamplingParams::deterministic() },
+            sampling_params: SamplingParams {
+                max_len: Some(0),
+                ..SamplingParams::deterministic()
+            },
             response: tx,
             return_logprobs: false,
             is_streaming: false,
@@ -65,21 +81,48 @@ fn gguf_student_logits_match_mistralrs() {
             model_id: None,
             truncate_sequence: false,
         }));
-        model.inner().get_sender(None).unwrap().send(req).await.unwrap();
+        model
+            .inner()
+            .get_sender(None)
+            .unwrap()
+            .send(req)
+            .await
+            .unwrap();
         let resp = rx.recv().await.unwrap().as_result().unwrap();
-        let ResponseOk::Raw { logits_chunks, .. } = resp else { panic!("expected raw logits") };
-        Tensor::cat(&logits_chunks, 0).unwrap().to_dtype(DType::F32).unwrap()
+        let ResponseOk::Raw { logits_chunks, .. } = resp else {
+            panic!("expected raw logits")
+        };
+        Tensor::cat(&logits_chunks, 0)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
     });
-    let theirs = if theirs.rank() == 3 { theirs.squeeze(0).unwrap() } else { theirs };
+    let theirs = if theirs.rank() == 3 {
+        theirs.squeeze(0).unwrap()
+    } else {
+        theirs
+    };
     assert_eq!(ours.dims(), theirs.dims(), "shapes differ");
 
-    let lo = candle_nn::ops::log_softmax(&ours, D::Minus1).unwrap().to_vec2::<f32>().unwrap();
-    let lt = candle_nn::ops::log_softmax(&theirs, D::Minus1).unwrap().to_vec2::<f32>().unwrap();
+    let lo = candle_nn::ops::log_softmax(&ours, D::Minus1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let lt = candle_nn::ops::log_softmax(&theirs, D::Minus1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let mut argmax_agree = 0;
     let mut total_diff = 0f64;
     let mut worst = 0f32;
     for (a, b) in lo.iter().zip(&lt) {
-        let am = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|x| x.0).unwrap();
+        let am = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .map(|x| x.0)
+                .unwrap()
+        };
         argmax_agree += usize::from(am(a) == am(b));
         let mut idx: Vec<usize> = (0..b.len()).collect();
         idx.sort_by(|&i, &j| b[j].total_cmp(&b[i]));
@@ -90,6 +133,9 @@ fn gguf_student_logits_match_mistralrs() {
     let n = lo.len();
     let mean = total_diff / n as f64;
     println!("positions {n}: argmax agreement {argmax_agree}/{n}, mean top-5 |Δlogp| {mean:.4} nats, worst position {worst:.4}");
-    assert!(argmax_agree as f64 >= 0.9 * n as f64, "argmax agrees on {argmax_agree}/{n}");
+    assert!(
+        argmax_agree as f64 >= 0.9 * n as f64,
+        "argmax agrees on {argmax_agree}/{n}"
+    );
     assert!(mean < 0.35, "mean top-5 log-prob difference {mean}");
 }

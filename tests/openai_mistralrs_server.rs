@@ -23,7 +23,11 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -34,7 +38,17 @@ fn generate_against_mistralrs_serve() {
     let port = free_port();
     let server = Server(
         Command::new(&bin)
-            .args(["serve", "--host", "127.0.0.1", "-p", &port.to_string(), "--cpu", "--token-source", "none", "-m"])
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--cpu",
+                "--token-source",
+                "none",
+                "-m",
+            ])
             .arg(model.parent().unwrap())
             .args(["--format", "gguf", "-f"])
             .arg(model.file_name().unwrap())
@@ -56,26 +70,61 @@ fn generate_against_mistralrs_serve() {
     // No --model: the client takes the first model the server lists.
     let o = distill()
         .args([
-            "generate", "--teacher", "openai", "--base-url", &base, "--dataset", dataset,
-            "--limit", "2", "--n", "3", "--temperature", "1.0", "--top-p", "1.0", "--max-tokens", "24",
-            "--logprobs", "3", "--seed", "5", "--concurrency", "4", "--quiet", "--out", out.to_str().unwrap(),
+            "generate",
+            "--teacher",
+            "openai",
+            "--base-url",
+            &base,
+            "--dataset",
+            dataset,
+            "--limit",
+            "2",
+            "--n",
+            "3",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "1.0",
+            "--max-tokens",
+            "24",
+            "--logprobs",
+            "3",
+            "--seed",
+            "5",
+            "--concurrency",
+            "4",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
         ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let r = read_lines(&out);
     assert_eq!(r.len(), 6);
-    let ids: HashSet<_> = r.iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+    let ids: HashSet<_> = r
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 6);
     for t in &r {
         assert!(t.get("error").is_none(), "{t}");
         assert!(!t["completion"].as_str().unwrap().is_empty());
         let n_tokens = t["logprobs"].as_array().unwrap().len() as u64;
         // usage is per sample (one choice per request), matching the tokens we got logprobs for.
-        assert_eq!(t["usage"]["completion_tokens"].as_u64().unwrap(), n_tokens, "{t}");
+        assert_eq!(
+            t["usage"]["completion_tokens"].as_u64().unwrap(),
+            n_tokens,
+            "{t}"
+        );
         // Server reports log10; the client recognised mistral.rs and stored nats.
         for lp in t["logprobs"].as_array().unwrap() {
-            let mass: f64 = lp["top"].as_array().unwrap().iter().map(|x| x[1].as_f64().unwrap().exp()).sum();
+            let mass: f64 = lp["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x[1].as_f64().unwrap().exp())
+                .sum();
             assert!(mass <= 1.0 + 1e-3, "top mass {mass}: {lp}");
             // Alternatives carry token text, not ids.
             assert!(lp["top"][0][0].is_string());

@@ -1,18 +1,12 @@
-//! A short LoRA SFT run on SmolLM2-135M-Instruct (GGUF), skipped when the file is absent.
+//! A short LoRA SFT run on SmolLM2-135M-Instruct (GGUF): library API and CLI.
+
+mod common;
 
 use candle_core::Device;
 use distill::train::{TrainConfig, TrainOverrides};
 use std::path::{Path, PathBuf};
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
-
-const SMOLLM_GGUF: &str = ".cache/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-fn smollm_path() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(SMOLLM_GGUF);
-    let alt = Path::new("/work/main").join(SMOLLM_GGUF);
-    [p, alt].into_iter().find(|p| p.exists())
-}
 
 fn write_traces(path: &Path, n: usize, filler: usize) -> R<()> {
     let mut text = String::new();
@@ -58,10 +52,7 @@ fn smollm_config(model: PathBuf, dir: &Path) -> TrainConfig {
 
 #[test]
 fn smollm2_short_run_writes_peft_adapter() -> R<()> {
-    let Some(model) = smollm_path() else {
-        println!("skipping: {SMOLLM_GGUF} not found");
-        return Ok(());
-    };
+    let model = common::test_model();
     let dir = tempfile::tempdir()?;
     write_traces(&dir.path().join("traces.jsonl"), 6, 0)?;
     let cfg = smollm_config(model, dir.path());
@@ -125,6 +116,25 @@ fn smollm2_short_run_writes_peft_adapter() -> R<()> {
         shape(&format!("{p}.mlp.up_proj.lora_B.weight")),
         Some(vec![1536, 16])
     );
+
+    // `distill merge`: a standalone Hugging Face directory in bf16.
+    let merged = dir.path().join("merged");
+    let m = distill::train::merge(
+        &cfg.model,
+        &cfg.out_dir,
+        &merged,
+        Some(candle_core::DType::BF16),
+    )?;
+    assert_eq!(m.adapter_tensors, 30 * 7 * 2);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(f).exists(), "{f} missing");
+    }
+    println!("total {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -133,10 +143,7 @@ fn smollm2_short_run_writes_peft_adapter() -> R<()> {
 #[test]
 #[ignore]
 fn smollm2_throughput_batch4_len512() -> R<()> {
-    let Some(model) = smollm_path() else {
-        println!("skipping: {SMOLLM_GGUF} not found");
-        return Ok(());
-    };
+    let model = common::test_model();
     let dir = tempfile::tempdir()?;
     // Each sample is close to (but under) 512 tokens.
     write_traces(&dir.path().join("traces.jsonl"), 8, 54)?;
@@ -165,5 +172,67 @@ fn smollm2_throughput_batch4_len512() -> R<()> {
         );
     }
     assert_eq!(report.data.dropped_too_long, 0);
+    Ok(())
+}
+
+#[test]
+fn cli_train_then_merge_on_smollm2() -> R<()> {
+    let model = common::test_model();
+    let dir = tempfile::tempdir()?;
+    let traces = dir.path().join("traces.jsonl");
+    write_traces(&traces, 4, 0)?;
+    let out = dir.path().join("adapter");
+    let o = common::distill()
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&traces)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--lora-r",
+            "4",
+            "--max-len",
+            "256",
+            "--quiet",
+        ])
+        .output()?;
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("train: 2 steps"),
+        "{}",
+        common::stderr(&o)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json"))?)?;
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(out.join("metrics.jsonl").is_file());
+
+    let merged = dir.path().join("merged");
+    let o = common::distill()
+        .args(["merge", "--model"])
+        .arg(&model)
+        .arg("--adapter")
+        .arg(&out)
+        .arg("--out")
+        .arg(&merged)
+        .output()?;
+    assert_eq!(o.status.code(), Some(0), "{}", common::stderr(&o));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(f).is_file(), "{f} missing");
+    }
+    let reloaded = distill::model::load::BaseModel::from_hf_dir(&merged)?;
+    assert_eq!(reloaded.config.num_hidden_layers, 30);
     Ok(())
 }

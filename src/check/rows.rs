@@ -262,7 +262,11 @@ pub fn code_job(row: &Map<String, Value>, name: &str, line: usize) -> Result<Cod
             return Err(RowsError::Row {
                 input: name.into(),
                 line,
-                message: format!("`inputs` has {} cases but `outputs` has {}", i.len(), o.len()),
+                message: format!(
+                    "`inputs` has {} cases but `outputs` has {}",
+                    i.len(),
+                    o.len()
+                ),
             });
         }
         CodeTests::Stdio {
@@ -334,14 +338,23 @@ mod tests {
         assert_eq!(extract_code("    return 1\n"), "    return 1\n");
         let two = "```python\ndef a(): pass\n```\ntext\n```\nprint(a())\n```";
         assert_eq!(extract_code(two), "def a(): pass\n");
-        assert_eq!(extract_code("```py\ndef g():\n  return 2"), "def g():\n  return 2");
+        assert_eq!(
+            extract_code("```py\ndef g():\n  return 2"),
+            "def g():\n  return 2"
+        );
     }
 
     #[test]
     fn math_rows_are_echoed_in_order_with_verdicts() {
         let input = "{\"gold\":\"72\",\"pred\":\"so \\\\boxed{72}\",\"k\":1}\n\n{\"gold\":\"1/2\",\"pred\":\"0.4\"}\n";
         let mut out = Vec::new();
-        let s = check_math_rows(&mut input.as_bytes(), "in", &mut out, &MathOptions::default()).unwrap();
+        let s = check_math_rows(
+            &mut input.as_bytes(),
+            "in",
+            &mut out,
+            &MathOptions::default(),
+        )
+        .unwrap();
         assert_eq!((s.rows, s.passed), (2, 1));
         let lines: Vec<Value> = String::from_utf8(out)
             .unwrap()
@@ -353,9 +366,14 @@ mod tests {
         assert_eq!(lines[0]["passed"], true);
         assert!(lines[0]["evidence"]["rule"].is_string());
         assert_eq!(lines[1]["verdict"], "incorrect");
-        let e = check_math_rows(&mut "{\"gold\":\"1\"}\n".as_bytes(), "in.jsonl", &mut Vec::new(), &MathOptions::default())
-            .unwrap_err()
-            .to_string();
+        let e = check_math_rows(
+            &mut "{\"gold\":\"1\"}\n".as_bytes(),
+            "in.jsonl",
+            &mut Vec::new(),
+            &MathOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert_eq!(e, "in.jsonl:1: field `pred` is missing");
     }
 }

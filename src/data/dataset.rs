@@ -260,9 +260,8 @@ fn parse_rows(path: &Path, text: &str, skip_invalid: bool) -> Result<Rows, Datas
         message,
     };
     if text.trim_start().starts_with('[') {
-        let v: Vec<Value> = serde_json::from_str(text).map_err(|e| {
-            parse_err(e.line(), format!("not a valid JSON array of objects: {e}"))
-        })?;
+        let v: Vec<Value> = serde_json::from_str(text)
+            .map_err(|e| parse_err(e.line(), format!("not a valid JSON array of objects: {e}")))?;
         for (i, item) in v.into_iter().enumerate() {
             match item {
                 Value::Object(m) => rows.push((i + 1, m)),
@@ -400,7 +399,10 @@ fn to_problem(
                 .map(|c| c.to_string()),
         }
     };
-    let get_text = |name: &str, flag: &str, required: bool| -> Result<Option<String>, DatasetError> {
+    let get_text = |name: &str,
+                    flag: &str,
+                    required: bool|
+     -> Result<Option<String>, DatasetError> {
         match row.get(name) {
             None | Some(Value::Null) if required => Err(field_err(name, "is missing".into(), flag)),
             None | Some(Value::Null) => Ok(None),
@@ -435,12 +437,13 @@ fn to_problem(
     if question.trim().is_empty() {
         return Err(field_err(&qname, "is empty".into(), "--question-field"));
     }
-    let opt = |over: &Option<String>, (cands, req): (&'static [&'static str], bool), flag| {
-        match pick(over, cands) {
+    let opt =
+        |over: &Option<String>, (cands, req): (&'static [&'static str], bool), flag| match pick(
+            over, cands,
+        ) {
             Some(name) => get_text(&name, flag, req || over.is_some()),
             None => Ok(None),
-        }
-    };
+        };
     let mut answer = opt(&fields.answer, s.answer, "--answer-field")?;
     // An explicit answer field makes the preset's solution field optional.
     let sol_spec = (s.solution.0, s.solution.1 && fields.answer.is_none());
@@ -519,7 +522,11 @@ mod tests {
     #[test]
     fn malformed_line_names_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(&dir, "bad.jsonl", "{\"question\":\"a\",\"answer\":\"#### 1\"}\n{oops\n");
+        let p = write(
+            &dir,
+            "bad.jsonl",
+            "{\"question\":\"a\",\"answer\":\"#### 1\"}\n{oops\n",
+        );
         let e = load(&p, Preset::Gsm8k, &FieldMap::default(), false)
             .unwrap_err()
             .to_string();
@@ -584,6 +591,9 @@ mod tests {
         let e = load(&p, Preset::Gsm8k, &FieldMap::default(), false)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("d.jsonl:2: duplicate problem id `1` (first seen on line 1)"), "{e}");
+        assert!(
+            e.contains("d.jsonl:2: duplicate problem id `1` (first seen on line 1)"),
+            "{e}"
+        );
     }
 }

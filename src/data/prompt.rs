@@ -59,7 +59,9 @@ pub enum PromptError {
         message: String,
     },
     /// The template does not compile or names a missing field.
-    #[error("prompt {source_name} ({part} template), problem `{problem}` (line {line}): {message}")]
+    #[error(
+        "prompt {source_name} ({part} template), problem `{problem}` (line {line}): {message}"
+    )]
     Render {
         /// Template source.
         source_name: String,
@@ -83,7 +85,11 @@ impl PromptTemplate {
         let path = Path::new(name_or_path);
         let text = std::fs::read_to_string(path).map_err(|source| PromptError::NotFound {
             name: name_or_path.to_string(),
-            builtins: BUILTIN.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+            builtins: BUILTIN
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", "),
             source,
         })?;
         Self::parse(&text, &path.display().to_string(), path)
@@ -182,7 +188,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.toml");
         std::fs::write(&p, "usr = \"x\"\n").unwrap();
-        let e = PromptTemplate::load(p.to_str().unwrap()).unwrap_err().to_string();
+        let e = PromptTemplate::load(p.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bad.toml"), "{e}");
     }
 }

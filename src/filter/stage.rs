@@ -39,7 +39,13 @@ const CHUNK: usize = 1024;
 
 /// The funnel's stages, in order.
 pub const STAGES: [&str; 7] = [
-    "input", "rules", "checker", "decontam", "dedup", "pass_rate", "cap",
+    "input",
+    "rules",
+    "checker",
+    "decontam",
+    "dedup",
+    "pass_rate",
+    "cap",
 ];
 
 /// Which answer checker to run.
@@ -167,7 +173,12 @@ impl std::fmt::Display for FilterSummary {
         writeln!(
             f,
             "filter: {} traces in, {} kept, {} rejected ({:.1}s; checker ran {}, cached {})",
-            self.input, self.kept, self.rejected, self.wall_seconds, self.checker_ran, self.checker_cached
+            self.input,
+            self.kept,
+            self.rejected,
+            self.wall_seconds,
+            self.checker_ran,
+            self.checker_cached
         )?;
         for row in &self.funnel {
             writeln!(
@@ -325,8 +336,11 @@ fn code_jobs(traces: &[&Trace]) -> Vec<crate::check::code::CodeJob> {
         .map(|t| {
             let r = &t.reference;
             let tests = r.tests.clone().unwrap_or_default();
-            let completion = crate::check::rows::extract_code(t.completion.as_deref().unwrap_or_default());
-            let tests = if tests.contains("def check(") || r.entry_point.is_some() && !tests.trim_start().starts_with("assert") {
+            let completion =
+                crate::check::rows::extract_code(t.completion.as_deref().unwrap_or_default());
+            let tests = if tests.contains("def check(")
+                || r.entry_point.is_some() && !tests.trim_start().starts_with("assert")
+            {
                 CodeTests::Function {
                     test_code: tests,
                     entry_point: r.entry_point.clone(),
@@ -395,14 +409,24 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
         // Checker: cached results first, then math in parallel and code in the sandbox.
         let kinds: Vec<Option<&'static str>> = chunk
             .iter()
-            .map(|t| if t.is_ok() { checker_for(t, cfg.checker) } else { None })
+            .map(|t| {
+                if t.is_ok() {
+                    checker_for(t, cfg.checker)
+                } else {
+                    None
+                }
+            })
             .collect();
         let keys: Vec<Option<String>> = chunk
             .iter()
             .zip(&kinds)
             .map(|(t, k)| {
                 k.map(|k| {
-                    let settings = if k == "math" { &math_settings } else { &code_settings };
+                    let settings = if k == "math" {
+                        &math_settings
+                    } else {
+                        &code_settings
+                    };
                     cache_key(t, k, settings)
                 })
             })
@@ -487,10 +511,12 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
                         code: format!("checker:{}", c.verdict),
                         detail: checker_detail(c),
                         field: Some("completion".into()),
-                        span: c
-                            .evidence
-                            .pointer("/pred_span")
-                            .and_then(|s| Some((s.get("start")?.as_u64()? as usize, s.get("end")?.as_u64()? as usize))),
+                        span: c.evidence.pointer("/pred_span").and_then(|s| {
+                            Some((
+                                s.get("start")?.as_u64()? as usize,
+                                s.get("end")?.as_u64()? as usize,
+                            ))
+                        }),
                         evidence: c.evidence.clone(),
                     });
                 }
@@ -510,7 +536,9 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
                         DedupVerdict::Near { of, similarity } => reasons.push(Reason {
                             stage: "dedup".into(),
                             code: "near_dup".into(),
-                            detail: format!("near-duplicate (estimated Jaccard {similarity:.2}) of {of}"),
+                            detail: format!(
+                                "near-duplicate (estimated Jaccard {similarity:.2}) of {of}"
+                            ),
                             field: None,
                             span: None,
                             evidence: json!({ "of": of, "similarity": similarity }),
@@ -539,7 +567,8 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
     let rejected_path = cfg.out_dir.join("rejected.jsonl");
     let partial = |p: &Path| p.with_extension("jsonl.partial");
     let mut kept_w = BufWriter::new(File::create(partial(&kept_path)).map_err(io(&kept_path))?);
-    let mut rej_w = BufWriter::new(File::create(partial(&rejected_path)).map_err(io(&rejected_path))?);
+    let mut rej_w =
+        BufWriter::new(File::create(partial(&rejected_path)).map_err(io(&rejected_path))?);
     let mut reader = TraceReader::open(traces_path)?;
     let mut i = 0;
     loop {
@@ -548,7 +577,9 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
             break;
         }
         for t in chunk {
-            let Some((id, _, d)) = decisions.get(i) else { break };
+            let Some((id, _, d)) = decisions.get(i) else {
+                break;
+            };
             debug_assert_eq!(id, &t.id);
             i += 1;
             let mut v = serde_json::to_value(&t).unwrap_or(Value::Null);
@@ -620,8 +651,12 @@ fn checker_detail(c: &CheckResult) -> String {
         "math" => format!(
             "{}: predicted {} vs gold {} ({})",
             c.verdict,
-            e.get("pred_normal").and_then(Value::as_str).unwrap_or("none"),
-            e.get("gold_normal").and_then(Value::as_str).unwrap_or("none"),
+            e.get("pred_normal")
+                .and_then(Value::as_str)
+                .unwrap_or("none"),
+            e.get("gold_normal")
+                .and_then(Value::as_str)
+                .unwrap_or("none"),
             e.get("rule").and_then(Value::as_str).unwrap_or("")
         ),
         _ => format!(
@@ -685,7 +720,11 @@ fn rule_and_decontam_reasons(t: &Trace, cfg: &FilterConfig) -> Vec<Reason> {
             reasons.push(Reason {
                 stage: "decontam".into(),
                 code: "contaminated".into(),
-                detail: format!("{}-gram shared with eval item {}", index.params().n, c.eval_id),
+                detail: format!(
+                    "{}-gram shared with eval item {}",
+                    index.params().n,
+                    c.eval_id
+                ),
                 field: Some(field.into()),
                 span: Some((c.span.start, c.span.end)),
                 evidence: json!({ "eval_id": c.eval_id, "ngram": c.ngram, "text": c.text }),
@@ -712,7 +751,9 @@ fn apply_problem_level(decisions: &mut [(String, String, Decision)], cfg: &Filte
             if !d.kept {
                 continue;
             }
-            let Some(&(ok, n)) = rates.get(p) else { continue };
+            let Some(&(ok, n)) = rates.get(p) else {
+                continue;
+            };
             let rate = ok as f64 / n.max(1) as f64;
             if rate < lo || rate > hi {
                 d.kept = false;
@@ -758,7 +799,9 @@ fn load_cache(path: &Path) -> Result<HashMap<String, CheckResult>, FilterError> 
     for line in BufReader::new(f).lines() {
         let line = line.map_err(io(path))?;
         // A torn last line (crash mid-write) or an old format is simply recomputed.
-        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
         let (Some(k), Some(r)) = (v.get("key").and_then(Value::as_str), v.get("result")) else {
             continue;
         };

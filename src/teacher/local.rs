@@ -319,15 +319,19 @@ impl Teacher for LocalTeacher {
             .set_sampling(sampling_params(&req.sampling))
             .return_logprobs(req.sampling.top_logprobs > 0);
         let t = Instant::now();
-        let resp = self.model.send_chat_request(rb).await.map_err(|e| GenFailure {
-            error: TraceError {
-                kind: "engine".into(),
-                message: e.to_string(),
-            },
-            attempts: 1,
-            endpoint: None,
-            fatal: false,
-        })?;
+        let resp = self
+            .model
+            .send_chat_request(rb)
+            .await
+            .map_err(|e| GenFailure {
+                error: TraceError {
+                    kind: "engine".into(),
+                    message: e.to_string(),
+                },
+                attempts: 1,
+                endpoint: None,
+                fatal: false,
+            })?;
         tracing::trace!(elapsed_ms = t.elapsed().as_millis() as u64, "local sample");
         let Some(choice) = resp.choices.into_iter().next() else {
             return Err(GenFailure {

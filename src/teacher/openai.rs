@@ -210,7 +210,8 @@ pub fn backoff(
 pub fn parse_retry_after(v: &str) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)));
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(3600.0)));
     }
     let when = httpdate::parse_http_date(v).ok()?;
     Some(
@@ -601,7 +602,10 @@ impl OpenAiTeacher {
 
     /// One HTTP attempt against endpoint `base`.
     async fn attempt(&self, base: &str, body: &Value) -> Result<GenOutput, AttemptError> {
-        let mut req = self.http.post(format!("{base}/chat/completions")).json(body);
+        let mut req = self
+            .http
+            .post(format!("{base}/chat/completions"))
+            .json(body);
         if let Some(k) = &self.cfg.api_key {
             req = req.bearer_auth(&k.0);
         }
@@ -636,7 +640,10 @@ impl OpenAiTeacher {
             Err(e) => {
                 return Err(AttemptError::transient(
                     "bad_response",
-                    format!("malformed JSON body: {e}: {}", truncate(&String::from_utf8_lossy(&bytes), 120)),
+                    format!(
+                        "malformed JSON body: {e}: {}",
+                        truncate(&String::from_utf8_lossy(&bytes), 120)
+                    ),
                 ))
             }
             Ok(v) => serde_json::from_value(v).map_err(|e| {
@@ -699,7 +706,12 @@ impl OpenAiTeacher {
                 })
                 .collect::<Vec<_>>()
         });
-        let num = |k: &str| usage.as_ref().and_then(|u| u.get(k)).and_then(Value::as_u64);
+        let num = |k: &str| {
+            usage
+                .as_ref()
+                .and_then(|u| u.get(k))
+                .and_then(Value::as_u64)
+        };
         let usage = Usage {
             prompt_tokens: num("prompt_tokens").unwrap_or(0),
             completion_tokens: num("completion_tokens")
@@ -780,7 +792,12 @@ impl Teacher for OpenAiTeacher {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         let wait = if self.fleet.endpoints.len() > 1 {
                             // Another endpoint can take it right away; only a short jitter.
-                            backoff(attempt, self.cfg.backoff_base / 4, self.cfg.backoff_max, None)
+                            backoff(
+                                attempt,
+                                self.cfg.backoff_base / 4,
+                                self.cfg.backoff_max,
+                                None,
+                            )
                         } else {
                             backoff(attempt, self.cfg.backoff_base, self.cfg.backoff_max, after)
                         };
@@ -891,13 +908,22 @@ mod tests {
         assert_eq!(parse_retry_after("-1"), None);
         let future = std::time::SystemTime::now() + Duration::from_secs(30);
         let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
-        assert!(d > Duration::from_secs(25) && d <= Duration::from_secs(30), "{d:?}");
+        assert!(
+            d > Duration::from_secs(25) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
     }
 
     #[test]
     fn base_urls_are_normalised() {
-        assert_eq!(normalize_base_url("http://h:8000").unwrap(), "http://h:8000/v1");
-        assert_eq!(normalize_base_url("http://h:8000/v1/").unwrap(), "http://h:8000/v1");
+        assert_eq!(
+            normalize_base_url("http://h:8000").unwrap(),
+            "http://h:8000/v1"
+        );
+        assert_eq!(
+            normalize_base_url("http://h:8000/v1/").unwrap(),
+            "http://h:8000/v1"
+        );
         assert_eq!(
             normalize_base_url("https://api.x.com/openai/v1").unwrap(),
             "https://api.x.com/openai/v1"

@@ -322,7 +322,8 @@ impl Recipe {
         }
         self.say(&format!(
             "preflight: {} traces → {} train / {} val samples ({} failed skipped, {} longer than \
-             max_len {} dropped, {} with EOS appended); {} train tokens, {} supervised; \
+             max_len {} dropped, {} with EOS appended, {} with a merged prompt/answer \
+             token); {} train tokens, {} supervised; \
              {} batches per epoch, {} optimizer steps; end-of-turn supervised in {}/{} samples\n\
              --- example (supervised tokens in [[...]]) ---\n{example}\n---",
             st.traces,
@@ -332,6 +333,7 @@ impl Recipe {
             st.dropped_too_long,
             cfg.max_len,
             st.eos_appended,
+            st.boundary_merged,
             st.train_tokens,
             st.train_supervised,
             preflight.batches,
@@ -580,10 +582,12 @@ impl Recipe {
             last_checkpoint: s.last_checkpoint.clone(),
             history,
         };
-        let first = report.history.first().map(|m| m.loss).unwrap_or(f64::NAN);
-        let last = report.history.last().map(|m| m.loss).unwrap_or(f64::NAN);
+        let losses = match (report.history.first(), report.history.last()) {
+            (Some(a), Some(b)) => format!("loss {:.4} → {:.4}", a.loss, b.loss),
+            _ => "no step left to run".into(),
+        };
         self.say(&format!(
-            "{} step {}/{}: loss {first:.4} → {last:.4}{}; {} tokens in {:.1}s ({:.0} tok/s){}",
+            "{} step {}/{}: {losses}{}; {} tokens in {:.1}s ({:.0} tok/s){}",
             if finished { "done:" } else { "stopped at" },
             report.steps,
             total,
