@@ -20,7 +20,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/venv.sh"
 
 bench_distill_bin
-# math-verify needs an ANTLR runtime matching its LaTeX grammar; the extra pins 4.13.2.
+# math-verify needs an ANTLR runtime matching its LaTeX grammar: the antlr4_13_2 extra. Some pip
+# versions warn that the extra is not provided (its metadata spells it antlr4-13-2), so the
+# runtime is also pinned explicitly.
 bench_venv 'math-verify[antlr4_13_2]==0.9.0' 'antlr4-python3-runtime==4.13.2' \
     'import math_verify, antlr4'
 
