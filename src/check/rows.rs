@@ -17,6 +17,9 @@ use serde_json::{Map, Value};
 use super::code::{CodeJob, CodeTests, Sandbox, StdioCase};
 use super::math::{self, MathOptions};
 
+/// A JSON object with its 1-based line number in the input.
+type NumberedRow = (usize, Map<String, Value>);
+
 /// Rows checked per parallel chunk.
 const CHUNK: usize = 2048;
 
@@ -91,7 +94,7 @@ fn read_chunk(
     input: &mut dyn BufRead,
     name: &str,
     line_no: &mut usize,
-) -> Result<Vec<(usize, Map<String, Value>)>, RowsError> {
+) -> Result<Vec<NumberedRow>, RowsError> {
     let mut rows = Vec::with_capacity(CHUNK);
     let mut line = String::new();
     while rows.len() < CHUNK {
