@@ -229,7 +229,8 @@ pub struct CheckArgs {
     /// Code: memory limit per program in MiB.
     #[arg(long, default_value_t = 2048)]
     pub memory_mb: u64,
-    /// Parallel workers (default: all cores).
+    /// Parallel workers (default: all cores for math, twice the cores for code, whose
+    /// workers mostly wait on interpreter start-up).
     #[arg(long)]
     pub workers: Option<usize>,
 }

@@ -610,3 +610,55 @@ fn results_serialize_with_snake_case_verdicts() {
     assert_eq!(json["verdict"], "wrong_answer");
     assert!(json["isolation"]["rlimits"].as_bool().unwrap_or(false));
 }
+
+#[test]
+fn programs_see_what_the_site_module_provides() {
+    // The module search path of the interpreter with `site` enabled, and the
+    // exit()/quit() builtins.
+    let python = Sandbox::new(tight())
+        .expect("sandbox")
+        .python()
+        .to_path_buf();
+    let out = std::process::Command::new(&python)
+        .args(["-I", "-c", "import sys; print(repr(sys.path))"])
+        .output()
+        .expect("python runs");
+    let site_path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let program = format!("import sys\ndef f():\n    return sys.path == {site_path}\n");
+    let r = check(
+        &func_job(&program, "def check(f):\n    assert f()\n", "f"),
+        &tight(),
+    );
+    assert_verdict(&r, CodeVerdict::Pass);
+    let jobs = vec![
+        stdio_job(
+            "print(int(input()) * 2)\nexit()\nprint('unreachable')\n",
+            &[("2\n", "4\n")],
+        ),
+        stdio_job("print(1)\nquit(3)\n", &[("", "1\n")]),
+    ];
+    let r = check_batch(&jobs, &tight());
+    assert_verdict(&r[0], CodeVerdict::Pass);
+    assert_verdict(&r[1], CodeVerdict::RuntimeError);
+    assert_eq!(r[1].exit_code, Some(3));
+}
+
+#[test]
+fn failure_reports_carry_exception_text_and_source_lines() {
+    let r = check(
+        &func_job(
+            "def f():\n    raise ValueError('tab\\t \"quoted\" \\\\ caf\\u00e9 \\x01 \\ud800 end')\n",
+            "def check(f):\n    assert f() == 1\n",
+            "f",
+        ),
+        &tight(),
+    );
+    assert_verdict(&r, CodeVerdict::RuntimeError);
+    assert_eq!(
+        r.exception.as_deref(),
+        Some("ValueError: tab\t \"quoted\" \\ caf\u{e9} \u{1} ? end")
+    );
+    let tb = r.traceback_tail.as_deref().unwrap_or("");
+    assert!(tb.contains("raise ValueError("), "{tb}");
+    assert!(tb.contains("assert f() == 1"), "{tb}");
+}

@@ -1,15 +1,36 @@
-import sys, os, json, types, ast, traceback, linecache, builtins
+import sys, builtins, marshal, posix
 
 
-def _distill_harness():
+def _distill_harness(spec_bytes):
     # Bind everything the harness needs before any untrusted code runs, so that
     # a program monkeypatching modules cannot change how results are reported.
-    _read, _write, _close, _exit, _getpid = os.read, os.write, os.close, os._exit, os.getpid
-    _dumps, _loads = json.dumps, json.loads
-    _format_exc = traceback.format_exception
-    _isinstance, _str, _len = isinstance, str, len
+    # Only built-in modules are imported up front (interpreter start-up dominates
+    # the cost of a check); modules needed to describe a failure are imported
+    # when a failure is reported.
+    _read, _write, _close, _exit, _getpid = posix.read, posix.write, posix.close, posix._exit, posix.getpid
+    _marshal_loads = marshal.loads
+    _isinstance, _str, _len, _int, _repr, _type = isinstance, str, len, int, repr, type
+    _module_type = type(sys)
     _pid = _getpid()
     _state = {"done": False}
+    _sources = {}
+    _escapes = {i: "\\u%04x" % i for i in range(32)}
+    _escapes[ord('"')] = '\\"'
+    _escapes[ord("\\")] = "\\\\"
+
+    def encode_value(v):
+        if v is None:
+            return "null"
+        if v is True or v is False:
+            return "true" if v else "false"
+        if _isinstance(v, _int):
+            return _int.__repr__(v)
+        # Lone surrogates cannot be encoded as UTF-8; replace them.
+        text = _str.encode(_str(v), "utf-8", "replace").decode("utf-8")
+        return '"' + text.translate(_escapes) + '"'
+
+    def encode_report(fields):
+        return "{" + ",".join(encode_value(k) + ":" + encode_value(v) for k, v in fields.items()) + "}"
 
     def read_all(fd):
         chunks = []
@@ -38,16 +59,27 @@ def _distill_harness():
         nonce = read_all(4).decode("ascii", "replace")
         fields["status"] = status
         fields["nonce"] = nonce
-        data = (_dumps(fields) + "\n").encode()
+        data = (encode_report(fields) + "\n").encode()
         while data:
             data = data[_write(5, data):]
         _close(5)
 
     def describe(exc):
-        text = "".join(_format_exc(type(exc), exc, exc.__traceback__))
+        try:
+            message = _str(exc)[:1000]
+        except BaseException:
+            message = "<unprintable exception>"
+        try:
+            import linecache, traceback
+
+            for name, src in _sources.items():
+                linecache.cache[name] = (_len(src), None, src.splitlines(True), name)
+            text = "".join(traceback.format_exception(_type(exc), exc, exc.__traceback__))
+        except BaseException:
+            text = "%s: %s\n" % (_type(exc).__name__, message)
         return {
-            "exc_type": type(exc).__name__,
-            "message": _str(exc)[:1000],
+            "exc_type": _type(exc).__name__,
+            "message": message,
             "traceback": text[-4000:],
         }
 
@@ -59,7 +91,8 @@ def _distill_harness():
         return "runtime_error"
 
     def register_source(name, src):
-        linecache.cache[name] = (_len(src), None, src.splitlines(True), name)
+        # Put into linecache when a traceback is formatted.
+        _sources[name] = src
 
     def compile_program(src, name):
         try:
@@ -73,6 +106,15 @@ def _distill_harness():
         return code
 
     def defines(src, name):
+        # A top-level definition needs a line starting with one of these keywords
+        # and the name in the source; skip parsing (and importing ast) otherwise.
+        if src.isascii() and not (
+            name in src
+            and any(line.lstrip().startswith(("def", "async", "class")) for line in src.splitlines())
+        ):
+            return False
+        import ast
+
         try:
             tree = ast.parse(src)
         except (SyntaxError, ValueError):
@@ -96,8 +138,31 @@ def _distill_harness():
                 return completion
         return prompt + completion
 
-    spec = _loads(read_all(3))
+    spec = _marshal_loads(spec_bytes)
     mode = spec["mode"]
+
+    # The interpreter runs without the site module: restore the module search
+    # path it would have set up and the exit()/quit() builtins it would define.
+    if spec.get("sys_path"):
+        sys.path[:] = spec["sys_path"]
+    if not hasattr(builtins, "exit"):
+
+        class Quitter:
+            def __init__(self, name):
+                self.name = name
+
+            def __repr__(self):
+                return "Use %s() or Ctrl-D (i.e. EOF) to exit" % self.name
+
+            def __call__(self, code=None):
+                try:
+                    sys.stdin.close()
+                except BaseException:
+                    pass
+                raise SystemExit(code)
+
+        builtins.exit = Quitter("exit")
+        builtins.quit = Quitter("quit")
 
     if mode == "function":
         program = assemble(spec.get("prompt") or "", spec["completion"], spec.get("entry_point"))
@@ -118,7 +183,7 @@ def _distill_harness():
                 report("harness_error", test_index=i, **describe(exc))
                 _exit(0)
             register_source(name, src)
-        module = types.ModuleType("solution")
+        module = _module_type("solution")
         module.__dict__["__builtins__"] = builtins
         sys.modules["solution"] = module
         namespace = module.__dict__
@@ -157,7 +222,7 @@ def _distill_harness():
 
     elif mode == "stdio":
         code = compile_program(spec["completion"], "<solution>")
-        module = types.ModuleType("__main__")
+        module = _module_type("__main__")
         module.__dict__["__builtins__"] = builtins
         sys.modules["__main__"] = module
         try:
@@ -186,10 +251,11 @@ def _distill_harness():
             _exit(1)
         # Programs often run their solution in a thread (to get a bigger stack);
         # wait for those like a normal interpreter exit would.
-        import threading
-        for t in threading.enumerate():
-            if t is not threading.main_thread() and not t.daemon:
-                t.join()
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            for t in threading.enumerate():
+                if t is not threading.main_thread() and not t.daemon:
+                    t.join()
         report("exit", code=0)
         _exit(0)
     else:
@@ -197,4 +263,4 @@ def _distill_harness():
         _exit(0)
 
 
-_distill_harness()
+_distill_harness(_distill_spec)

@@ -260,8 +260,8 @@ pub fn check(job: &CodeJob, config: &SandboxConfig) -> CodeResult {
     }
 }
 
-/// Check `jobs` in parallel (`config.workers` threads, default: all cores),
-/// returning one result per job in input order.
+/// Check `jobs` in parallel (`config.workers` threads, default: twice the
+/// cores), returning one result per job in input order.
 ///
 /// Setup failures become a [`CodeVerdict::SandboxError`] result for every job.
 pub fn check_batch(jobs: &[CodeJob], config: &SandboxConfig) -> Vec<CodeResult> {

@@ -1,13 +1,19 @@
 //! Builds the harness invocation for each test style and turns what the
 //! sandboxed process did into a [`CodeResult`].
 //!
-//! The Python harness (`harness.py`) receives the job on fd 3, compiles the
-//! program before running anything (so syntax errors are told apart from runtime
-//! errors), runs program and tests, and reports one JSON line on fd 5. That line
-//! is trusted only if it carries the per-run nonce, which the harness reads from
+//! The Python harness (`harness.py`) receives the job on fd 3 (a `marshal`
+//! dict, see [`marshal_spec`]), compiles the program before running anything
+//! (so syntax errors are told apart from runtime errors), runs program and
+//! tests, and reports one JSON line on fd 5. That line is trusted only if it
+//! carries the per-run nonce, which the harness reads from
 //! fd 4 only after the tests have returned: a program that exits early
 //! (`sys.exit(0)`, `os._exit(0)`) never produces it and therefore never passes.
 
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -16,6 +22,25 @@ use super::sandbox::{RunOutcome, RunRequest, Sandbox};
 use super::{CodeJob, CodeResult, CodeVerdict, Isolation, OutputMismatch, StdioCase};
 
 const HARNESS: &str = include_str!("harness.py");
+/// Start-up code run with `-c`: reads fd 3 (the length of the compiled harness
+/// as 4 little-endian bytes, the harness code object in `marshal` format, then
+/// the job description) and runs the harness on the job description. Compiling
+/// the harness once per interpreter instead of in every run saves start-up time.
+const BOOTSTRAP: &str = "import marshal, posix
+b = []
+while True:
+    c = posix.read(3, 65536)
+    if not c:
+        break
+    b.append(c)
+posix.close(3)
+b = b''.join(b)
+n = int.from_bytes(b[:4], 'little')
+exec(marshal.loads(b[4:4 + n]), {'__name__': '__distill__', '_distill_spec': b[4 + n:]})
+";
+
+/// Compiled harness (`marshal` data) per interpreter.
+static COMPILED_HARNESS: OnceLock<Mutex<HashMap<PathBuf, Arc<Vec<u8>>>>> = OnceLock::new();
 /// Bytes of stderr / traceback kept in results.
 const TAIL_BYTES: usize = 2000;
 /// Bytes of expected / actual output kept in a mismatch record.
@@ -51,14 +76,107 @@ fn new_nonce() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The harness compiled by `python` (cached), as `marshal` data.
+fn compiled_harness(python: &Path) -> Result<Arc<Vec<u8>>, String> {
+    let cache = COMPILED_HARNESS.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(code) = cache.lock().ok().and_then(|m| m.get(python).cloned()) {
+        return Ok(code);
+    }
+    let fail = |e: String| format!("compiling the harness with {}: {e}", python.display());
+    let mut child = Command::new(python)
+        .args([
+            "-I",
+            "-S",
+            "-B",
+            "-c",
+            "import marshal, sys; sys.stdout.buffer.write(marshal.dumps(compile(\
+             sys.stdin.buffer.read(), '<distill-harness>', 'exec', dont_inherit=True)))",
+        ])
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(HARNESS.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() || out.stdout.is_empty() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    let code = Arc::new(out.stdout);
+    if let Ok(mut m) = cache.lock() {
+        m.insert(python.to_path_buf(), code.clone());
+    }
+    Ok(code)
+}
+
+/// What the harness reads on fd 3: the compiled harness, then the job.
+fn harness_input(sandbox: &Sandbox, spec: &[u8]) -> Result<Vec<u8>, String> {
+    let code = compiled_harness(sandbox.python())?;
+    let mut input = Vec::with_capacity(4 + code.len() + spec.len());
+    input.extend_from_slice(&(code.len() as u32).to_le_bytes());
+    input.extend_from_slice(&code);
+    input.extend_from_slice(spec);
+    Ok(input)
+}
+
 fn harness_args() -> Vec<std::ffi::OsString> {
     // -I: ignore PYTHON* variables, user site-packages and the script directory.
+    // -S: skip the site module, a large part of the start-up time; the harness
+    // restores what programs rely on from it (`sys.path` with the installed
+    // packages, passed in the job description, and exit()/quit()).
     // -B: write no bytecode. -X utf8: UTF-8 I/O regardless of locale.
-    // The site module stays enabled so installed packages and exit()/quit() work.
-    ["-I", "-B", "-X", "utf8", "-c", HARNESS, "distill-sandbox"]
-        .into_iter()
-        .map(Into::into)
-        .collect()
+    [
+        "-I",
+        "-S",
+        "-B",
+        "-X",
+        "utf8",
+        "-c",
+        BOOTSTRAP,
+        "distill-sandbox",
+    ]
+    .into_iter()
+    .map(Into::into)
+    .collect()
+}
+
+/// A value of the job description handed to the harness.
+enum SpecValue<'a> {
+    None,
+    Str(&'a str),
+    List(&'a [String]),
+}
+
+/// Serialize the job description as a Python `marshal` dict of strings, lists
+/// of strings and `None`, which the harness reads without importing any module.
+fn marshal_spec(fields: &[(&str, SpecValue<'_>)]) -> Vec<u8> {
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.push(b'u');
+        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut out = vec![b'{'];
+    for (key, value) in fields {
+        put_str(&mut out, key);
+        match value {
+            SpecValue::None => out.push(b'N'),
+            SpecValue::Str(s) => put_str(&mut out, s),
+            SpecValue::List(items) => {
+                out.push(b'[');
+                out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+                for item in *items {
+                    put_str(&mut out, item);
+                }
+            }
+        }
+    }
+    out.push(b'0');
+    out
 }
 
 fn parse_report(raw: &[u8], nonce: &str) -> Option<Report> {
@@ -209,30 +327,35 @@ fn apply_exception(result: &mut CodeResult, report: &Report) {
 }
 
 /// Function-style job: program plus test code / asserts run in one process.
-pub(crate) fn run_function(
+pub(crate) fn run_function<'a>(
     sandbox: &Sandbox,
     job: &CodeJob,
-    test_code: Option<&str>,
-    entry_point: Option<&str>,
+    test_code: Option<&'a str>,
+    entry_point: Option<&'a str>,
     asserts: &[String],
-    setup: Option<&str>,
+    setup: Option<&'a str>,
 ) -> CodeResult {
     let tests_total = usize::from(test_code.is_some()) + asserts.len();
-    let spec = serde_json::json!({
-        "mode": "function",
-        "prompt": job.prompt,
-        "completion": job.completion,
-        "entry_point": entry_point,
-        "test_code": test_code,
-        "asserts": asserts,
-        "setup": setup,
-    })
-    .to_string();
+    let opt = |v: Option<&'a str>| v.map_or(SpecValue::None, SpecValue::Str);
+    let spec = marshal_spec(&[
+        ("mode", SpecValue::Str("function")),
+        ("sys_path", SpecValue::List(sandbox.site_path())),
+        ("prompt", SpecValue::Str(&job.prompt)),
+        ("completion", SpecValue::Str(&job.completion)),
+        ("entry_point", opt(entry_point)),
+        ("test_code", opt(test_code)),
+        ("asserts", SpecValue::List(asserts)),
+        ("setup", opt(setup)),
+    ]);
+    let spec = match harness_input(sandbox, &spec) {
+        Ok(input) => input,
+        Err(e) => return sandbox_failure(e, sandbox.isolation()),
+    };
     let nonce = new_nonce();
     let req = RunRequest {
         args: harness_args(),
         stdin: b"",
-        spec: spec.as_bytes(),
+        spec: &spec,
         nonce: nonce.as_bytes(),
         stdout_cap: sandbox.config().max_output_bytes,
     };
@@ -309,11 +432,15 @@ pub(crate) fn run_function(
 /// Stdin/stdout job: one sandboxed process per case, stopping at the first
 /// failing case.
 pub(crate) fn run_stdio(sandbox: &Sandbox, job: &CodeJob, cases: &[StdioCase]) -> CodeResult {
-    let spec = serde_json::json!({
-        "mode": "stdio",
-        "completion": job.completion,
-    })
-    .to_string();
+    let spec = marshal_spec(&[
+        ("mode", SpecValue::Str("stdio")),
+        ("sys_path", SpecValue::List(sandbox.site_path())),
+        ("completion", SpecValue::Str(&job.completion)),
+    ]);
+    let spec = match harness_input(sandbox, &spec) {
+        Ok(input) => input,
+        Err(e) => return sandbox_failure(e, sandbox.isolation()),
+    };
     let cpu_limit = sandbox.config().cpu_time_limit;
     let mut total_ms = 0u64;
     let mut last: Option<CodeResult> = None;
@@ -322,7 +449,7 @@ pub(crate) fn run_stdio(sandbox: &Sandbox, job: &CodeJob, cases: &[StdioCase]) -
         let req = RunRequest {
             args: harness_args(),
             stdin: case.input.as_bytes(),
-            spec: spec.as_bytes(),
+            spec: &spec,
             nonce: nonce.as_bytes(),
             stdout_cap: sandbox
                 .config()

@@ -65,7 +65,9 @@ pub struct SandboxConfig {
     /// and discarded so a chatty program can neither block nor exhaust memory.
     /// Stdin/stdout tests raise the stdout cap to fit the expected output.
     pub max_output_bytes: usize,
-    /// Number of parallel workers for batches; 0 means the available cores.
+    /// Number of parallel workers for batches; 0 means twice the available
+    /// cores (a worker spends much of its time waiting for its interpreter to
+    /// start and its namespaces to be set up and torn down).
     pub workers: usize,
     /// Directory in which per-run working directories are created; `None` means
     /// the system temporary directory.
@@ -99,7 +101,8 @@ impl Default for SandboxConfig {
 }
 
 impl SandboxConfig {
-    /// Worker count for batches after resolving 0 to the available parallelism.
+    /// Worker count for batches after resolving 0 to twice the available
+    /// parallelism.
     pub fn effective_workers(&self) -> usize {
         if self.workers > 0 {
             self.workers
@@ -107,6 +110,7 @@ impl SandboxConfig {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
+                * 2
         }
     }
 }
@@ -213,11 +217,14 @@ impl Plan {
 pub struct Sandbox {
     config: SandboxConfig,
     python: PathBuf,
+    /// `sys.path` of the interpreter with the `site` module enabled.
+    site_path: Vec<String>,
     plan: Plan,
 }
 
 static PLAN_CACHE: OnceLock<Mutex<HashMap<PathBuf, Plan>>> = OnceLock::new();
-static PYTHON_CACHE: OnceLock<Mutex<HashMap<Option<PathBuf>, PathBuf>>> = OnceLock::new();
+type Resolved = (PathBuf, Vec<String>);
+static PYTHON_CACHE: OnceLock<Mutex<HashMap<Option<PathBuf>, Resolved>>> = OnceLock::new();
 static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Sandbox {
@@ -231,7 +238,7 @@ impl Sandbox {
             .lock()
             .ok()
             .and_then(|m| m.get(&config.python).cloned());
-        let python = match known {
+        let (python, site_path) = match known {
             Some(p) => p,
             None => {
                 let p = resolve_python(config.python.as_deref())?;
@@ -256,6 +263,7 @@ impl Sandbox {
         let sandbox = Self {
             config,
             python,
+            site_path,
             plan,
         };
         if sandbox.config.require_network_isolation && !plan.net_ns {
@@ -274,6 +282,12 @@ impl Sandbox {
     /// The interpreter executable actually started.
     pub fn python(&self) -> &Path {
         &self.python
+    }
+
+    /// `sys.path` the interpreter has when its `site` module runs (the harness
+    /// starts it without `site`, which is slow, and restores the path itself).
+    pub(crate) fn site_path(&self) -> &[String] {
+        &self.site_path
     }
 
     /// The isolation every run of this sandbox gets.
@@ -317,7 +331,8 @@ pub(crate) struct RunOutcome {
     pub isolation: Isolation,
 }
 
-fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, CodeCheckError> {
+/// The interpreter's real executable and its `sys.path` with `site` enabled.
+fn resolve_python(configured: Option<&Path>) -> Result<Resolved, CodeCheckError> {
     let candidate: PathBuf = match configured {
         Some(p) => p.to_path_buf(),
         None if Path::new("/usr/bin/python3").exists() => PathBuf::from("/usr/bin/python3"),
@@ -326,7 +341,11 @@ fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, CodeCheckError> 
     // Ask the interpreter for its real executable: resolves PATH lookups and
     // launcher shims (pyenv, asdf) that would not work with a cleared environment.
     let out = Command::new(&candidate)
-        .args(["-I", "-c", "import sys; sys.stdout.write(sys.executable)"])
+        .args([
+            "-I",
+            "-c",
+            "import sys; sys.stdout.write('\\0'.join([sys.executable] + sys.path))",
+        ])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| CodeCheckError::Python(format!("{}: {e}", candidate.display())))?;
@@ -337,7 +356,12 @@ fn resolve_python(configured: Option<&Path>) -> Result<PathBuf, CodeCheckError> 
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&out.stdout)))
+    let mut parts = out.stdout.split(|&b| b == 0);
+    let executable = PathBuf::from(std::ffi::OsStr::from_bytes(parts.next().unwrap_or(b"")));
+    let site_path = parts
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    Ok((executable, site_path))
 }
 
 fn probe_plan(config: &SandboxConfig, python: &Path) -> Result<Plan, CodeCheckError> {
@@ -589,6 +613,10 @@ fn next_uid(base: u32) -> u32 {
     base.wrapping_add((pid << 12) | n)
 }
 
+/// `kill(-1, SIGKILL)` passes made by [`kill_uid_all`]; one suffices, the
+/// others are a margin.
+const KILL_PASSES: usize = 3;
+
 /// Kill every process running under `uid` (a dedicated sandbox uid): a helper
 /// child takes that uid and signals everything it may signal, which catches
 /// processes that left the process group with `setsid`.
@@ -603,10 +631,14 @@ fn kill_uid_all(uid: u32) {
             {
                 libc::_exit(1);
             }
-            for _ in 0..1000 {
-                if libc::kill(-1, libc::SIGKILL) != 0 {
-                    break;
-                }
+            // One pass signals every process of the uid under the kernel's task
+            // list lock, and a fork racing with it fails because the forking
+            // process then has SIGKILL pending, so nothing of the uid outlives a
+            // pass. The result cannot tell when nothing is left (it is 0 as long
+            // as any other process exists, even one we may not signal), so a
+            // fixed number of passes is made.
+            for _ in 0..KILL_PASSES {
+                libc::kill(-1, libc::SIGKILL);
             }
             libc::_exit(0);
         } else if pid > 0 {
