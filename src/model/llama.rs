@@ -4,6 +4,7 @@
 //! walk down the `VarBuilder` prefixes and every adapted module gets its PEFT name for free.
 
 use super::lora::{LoraLinear, LoraVarBuilder};
+use super::ops::{attention_bthd, rope_bthd};
 use super::{
     apply_rope, attention, repeat_kv, Config, ForwardOptions, Mlp, ModelError, ModelOutput,
     Packing, Result, RmsNorm, RotaryEmbedding,
@@ -49,23 +50,35 @@ impl Attention {
         train: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
-        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
-            Ok(x.reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let q = self.q_proj.forward(xs, train)?;
+        let k = self.k_proj.forward(xs, train)?;
+        let v = self.v_proj.forward(xs, train)?;
+        let split = |x: Tensor, n: usize| x.reshape((b, t, n, self.head_dim));
+        let (q, k, v) = (
+            split(q, self.num_heads)?,
+            split(k, self.num_kv_heads)?,
+            split(v, self.num_kv_heads)?,
+        );
+        let fused = match (rope_bthd(&q, cos, sin)?, rope_bthd(&k, cos, sin)?) {
+            (Some(q), Some(k)) => attention_bthd(&q, &k, &v, mask)?,
+            _ => None,
         };
-        let q = heads(self.q_proj.forward(xs, train)?, self.num_heads)?;
-        let k = heads(self.k_proj.forward(xs, train)?, self.num_kv_heads)?;
-        let v = heads(self.v_proj.forward(xs, train)?, self.num_kv_heads)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let n_rep = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, n_rep)?;
-        let v = repeat_kv(v, n_rep)?;
-        let y = attention(&q, &k, &v, mask)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, self.num_heads * self.head_dim))?;
+        let y = match fused {
+            Some(y) => y.reshape((b, t, self.num_heads * self.head_dim))?,
+            None => {
+                let heads = |x: Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.contiguous()?) };
+                let q = apply_rope(&heads(q)?, cos, sin)?;
+                let k = apply_rope(&heads(k)?, cos, sin)?;
+                let n_rep = self.num_heads / self.num_kv_heads;
+                let k = repeat_kv(k, n_rep)?;
+                let v = repeat_kv(heads(v)?, n_rep)?;
+                attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((
+                    b,
+                    t,
+                    self.num_heads * self.head_dim,
+                ))?
+            }
+        };
         self.o_proj.forward(&y, train)
     }
 }

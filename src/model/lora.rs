@@ -6,7 +6,7 @@
 //! (`base_model.model.<module path>.lora_A.weight`), so saving the map *is* the PEFT export and
 //! a PEFT adapter can be loaded back without renaming.
 
-use super::{ModelError, Result};
+use super::{ops, ModelError, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde_json::{json, Value};
@@ -401,18 +401,17 @@ impl LoraLinear {
             .ok_or_else(|| ModelError::Input("linear input is a scalar".into()))?;
         let rows = xs.elem_count() / in_dim.max(1);
         let x2 = xs.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match &self.lora {
+            Some(l) if train && l.dropout > 0.0 => {
+                let xd = candle_nn::ops::dropout(&x2, l.dropout)?;
+                let delta = (xd.matmul(&l.lora_a.t()?)? * l.scale)?.matmul(&l.lora_b.t()?)?;
+                (ops::frozen_linear(&x2, &self.weight)? + delta)?
+            }
+            Some(l) => ops::lora_linear(&x2, &self.weight, &l.lora_a, &l.lora_b, l.scale)?,
+            None => ops::frozen_linear(&x2, &self.weight)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            let xd = if train && l.dropout > 0.0 {
-                candle_nn::ops::dropout(&x2, l.dropout)?
-            } else {
-                x2
-            };
-            let delta = xd.matmul(&l.lora_a.t()?)?.matmul(&l.lora_b.t()?)?;
-            y = (y + (delta * l.scale)?)?;
         }
         let mut out_dims = dims;
         let last = out_dims.len() - 1;

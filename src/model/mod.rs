@@ -8,6 +8,9 @@
 //! * [`lora`] holds the LoRA linear layer, adapter naming, PEFT export/import and merging.
 //! * [`load`] reads Hugging Face directories and GGUF files into a [`load::BaseModel`].
 //! * [`tokenizer`] wraps the tokenizer and renders chat templates.
+//! * [`ops`] holds fused CPU operations with hand-written backward passes (frozen and LoRA
+//!   linear layers, RMSNorm, RoPE, attention, SwiGLU) that keep only their inputs and output
+//!   for the backward pass and never compute gradients of frozen weights.
 //!
 //! All operations used by the forward pass are differentiable in candle (the fused
 //! `rms_norm`/`rope` kernels of `candle-nn` have no backward pass, so they are not used).
@@ -15,6 +18,7 @@
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod ops;
 pub mod qwen2;
 pub mod tokenizer;
 
@@ -516,6 +520,9 @@ impl RmsNorm {
 
     /// `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(y) = ops::rms_norm(xs, &self.weight, self.eps)? {
+            return Ok(y);
+        }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?;
         let var = xs.sqr()?.mean_keepdim(D::Minus1)?;
@@ -694,9 +701,13 @@ impl Mlp {
 
     /// Applies the MLP to `(batch, seq, hidden)`.
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs, train)?)?;
+        let gate = self.gate_proj.forward(xs, train)?;
         let up = self.up_proj.forward(xs, train)?;
-        self.down_proj.forward(&(gate * up)?, train)
+        let h = match ops::swiglu(&gate, &up)? {
+            Some(h) => h,
+            None => (candle_nn::ops::silu(&gate)? * up)?,
+        };
+        self.down_proj.forward(&h, train)
     }
 }
 
