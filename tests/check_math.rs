@@ -413,3 +413,10 @@ fn outcome_serializes_with_snake_case() {
     assert_eq!(json["pred_span"]["method"], "answer_phrase");
     assert_eq!(json["pred_normal"], "0.5");
 }
+
+#[test]
+fn unit_phrases_after_pi_are_dropped() {
+    both_ways("100\\pi \\text{ square units}", "100\\pi", true);
+    both_ways("4\\pi \\text{ cm}^2", "4\\pi", true);
+    both_ways("100\\pi \\text{ square units}", "10\\pi", false);
+}

@@ -60,7 +60,7 @@ static CONJUNCTION: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\s*,?\s+
 static WHITESPACE: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\s+"));
 static UNIT: LazyLock<Regex> = LazyLock::new(|| {
     regex_or_never(concat!(
-        r"(?i)([\d}).])\s*(?:square\s+|sq\.?\s+|cubic\s+)?",
+        r"(?i)([\d}).]|\\pi)\s*(?:square\s+|sq\.?\s+|cubic\s+)?",
         r"(?:dollars?|cents?|usd|euros?|pounds?|lbs?|ounces?|oz|grams?|kg|kilograms?|mg|tons?|",
         r"meters?|metres?|cm|mm|km|kilometers?|centimeters?|millimeters?|inch(?:es)?|feet|foot|ft|",
         r"yards?|yd|miles?|mph|seconds?|secs?|minutes?|mins?|hours?|hrs?|days?|weeks?|months?|",
@@ -71,7 +71,7 @@ static UNIT: LazyLock<Regex> = LazyLock::new(|| {
 static SHORT_UNIT: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"(\d)\s+(?:m|g|s|h|l|L)(?:\s*\^\s*\{?\d\}?)?\s*$"));
 static TRAILING_WORDS: LazyLock<Regex> =
-    LazyLock::new(|| regex_or_never(r"([\d})\]])((?:\s+[A-Za-z][A-Za-z'’\-]+\.?)+)\s*$"));
+    LazyLock::new(|| regex_or_never(r"([\d})\]]|\\pi)((?:\s+[A-Za-z][A-Za-z'’\-]+\.?)+)\s*$"));
 static THIN_THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"(\d)(?:\\,|\{,\}|\\ |\\;)(\d{3})\b"));
 static THOUSANDS: LazyLock<Regex> =
