@@ -133,6 +133,33 @@ pub enum GenerateError {
     },
 }
 
+/// Counts of the records this run appended, kept by the writer as it writes.
+#[derive(Debug, Default)]
+struct Written {
+    ok: u64,
+    truncated: u64,
+    failed: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl Written {
+    fn count(&mut self, t: &Trace) {
+        match (&t.error, &t.finish_reason) {
+            (Some(_), _) => self.failed += 1,
+            (None, Some(FinishReason::Length)) => {
+                self.ok += 1;
+                self.truncated += 1;
+            }
+            (None, _) => self.ok += 1,
+        }
+        if let Some(u) = &t.usage {
+            self.prompt_tokens += u.prompt_tokens;
+            self.completion_tokens += u.completion_tokens;
+        }
+    }
+}
+
 /// One planned sample.
 struct Job {
     id: String,
@@ -249,27 +276,21 @@ pub async fn run_until(
     // The single writer: records arrive over a channel and are appended in arrival order.
     let (tx, mut rx) = mpsc::channel::<Trace>(256);
     let writer_pb = pb.clone();
-    let writer =
-        tokio::task::spawn_blocking(move || -> Result<(TraceFile, Vec<Trace>), TraceFileError> {
-            let mut written = Vec::new();
-            let mut last_sync = Instant::now();
-            while let Some(t) = rx.blocking_recv() {
-                file.append(&t)?;
-                if last_sync.elapsed() > Duration::from_secs(5) {
-                    file.sync()?;
-                    last_sync = Instant::now();
-                }
-                writer_pb.inc(1);
-                // Keep only what the summary needs.
-                let mut slim = t;
-                slim.messages.clear();
-                slim.completion = slim.completion.map(|_| String::new());
-                slim.logprobs = None;
-                written.push(slim);
+    let writer = tokio::task::spawn_blocking(move || -> Result<Written, TraceFileError> {
+        let mut written = Written::default();
+        let mut last_sync = Instant::now();
+        while let Some(t) = rx.blocking_recv() {
+            file.append(&t)?;
+            if last_sync.elapsed() > Duration::from_secs(5) {
+                file.sync()?;
+                last_sync = Instant::now();
             }
-            file.sync()?;
-            Ok((file, written))
-        });
+            writer_pb.inc(1);
+            written.count(&t);
+        }
+        file.sync()?;
+        Ok(written)
+    });
 
     let sem = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let mut tasks: JoinSet<Option<(String, String)>> = JoinSet::new();
@@ -342,33 +363,23 @@ pub async fn run_until(
         }
     }
     drop(tx);
-    let (_file, written) = writer.await.map_err(|e| TraceFileError::Io {
+    let written = writer.await.map_err(|e| TraceFileError::Io {
         path: cfg.out.clone(),
         source: std::io::Error::other(e),
     })??;
     pb.finish_and_clear();
-
-    for t in &written {
-        match (&t.error, &t.finish_reason) {
-            (Some(_), _) => summary.samples_failed += 1,
-            (None, Some(FinishReason::Length)) => {
-                summary.samples_ok += 1;
-                summary.samples_truncated += 1;
-            }
-            (None, _) => summary.samples_ok += 1,
-        }
-        if let Some(u) = &t.usage {
-            summary.prompt_tokens += u.prompt_tokens;
-            summary.completion_tokens += u.completion_tokens;
-        }
-    }
+    summary.samples_ok = written.ok;
+    summary.samples_truncated = written.truncated;
+    summary.samples_failed = written.failed;
+    summary.prompt_tokens = written.prompt_tokens;
+    summary.completion_tokens = written.completion_tokens;
     summary.wall_seconds = started.elapsed().as_secs_f64();
     summary.interrupted = interrupted;
     if let Some((message, problem_id)) = fatal {
         return Err(GenerateError::Fatal {
             message,
             problem_id,
-            written: written.len() as u64,
+            written: written.ok + written.failed,
         });
     }
     if !interrupted && summary.samples_failed == 0 {
