@@ -396,7 +396,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Audit(a) => {
             let run = crate::audit::load_run(&a.run_dir)?;
-            print!("{}", crate::audit::terminal_summary(&run));
+            let text = crate::audit::terminal_summary(&run);
+            println!("{}", text.trim_end());
             if !a.no_html {
                 let path = a
                     .html

@@ -1,6 +1,7 @@
 //! The `distill` binary: parse flags, run the library, map the outcome to an exit code.
 //! 0 done, 1 done but some records failed, 2 error, 130 interrupted (rerun to resume).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +15,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli::run(Cli::parse()) {
         Ok(o) if o.interrupted => ExitCode::from(130),

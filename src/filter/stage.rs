@@ -189,7 +189,7 @@ impl std::fmt::Display for FilterSummary {
         }
         if self.kept == 0 && self.input > 0 {
             if let Some((code, n)) = self.reasons.iter().max_by_key(|(_, n)| **n) {
-                write!(f, "  nothing kept: `{code}` removed the most ({n}); see rejected.jsonl or `distill audit`")?;
+                writeln!(f, "  nothing kept: the most frequent reason is `{code}` ({n}); see rejected.jsonl or `distill audit`")?;
             }
         }
         Ok(())
