@@ -533,6 +533,8 @@ fn resumed_run_matches_uninterrupted_run() -> R<()> {
     cfg.val_count = Some(2);
     cfg.eval_every = 3;
     cfg.weight_decay = 0.01;
+    // Dropout masks come from a generator seeded per (seed, step, micro-batch).
+    cfg.lora.dropout = 0.1;
     let straight = distill::train::train(&cfg, &quiet())?;
 
     let mut cfg_b = cfg.clone();
@@ -570,6 +572,12 @@ fn resumed_run_matches_uninterrupted_run() -> R<()> {
     let mut resumed = curve(&first);
     resumed.extend(curve(&second));
     assert_eq!(resumed, curve(&straight), "loss curves differ");
+    // Dropout really is active: without it the same run follows another curve.
+    let mut no_dropout = cfg.clone();
+    no_dropout.out_dir = f.root.join("no-dropout");
+    no_dropout.lora.dropout = 0.0;
+    let plain = distill::train::train(&no_dropout, &quiet())?;
+    assert_ne!(curve(&plain), curve(&straight), "dropout had no effect");
     assert_eq!(
         file_bytes(&cfg.out_dir.join("adapter_model.safetensors"))?,
         file_bytes(&cfg_b.out_dir.join("adapter_model.safetensors"))?,

@@ -403,7 +403,7 @@ impl LoraLinear {
         let x2 = xs.reshape((rows, in_dim))?;
         let mut y = match &self.lora {
             Some(l) if train && l.dropout > 0.0 => {
-                let xd = candle_nn::ops::dropout(&x2, l.dropout)?;
+                let xd = dropout(&x2, l.dropout)?;
                 let delta = (xd.matmul(&l.lora_a.t()?)? * l.scale)?.matmul(&l.lora_b.t()?)?;
                 (ops::frozen_linear(&x2, &self.weight)? + delta)?
             }
@@ -554,6 +554,42 @@ pub fn merge_into(
         merged += 1;
     }
     Ok(merged)
+}
+
+thread_local! {
+    /// Generator for LoRA dropout masks on this thread, when a trainer seeded it.
+    static DROPOUT_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Seeds the generator that draws LoRA dropout masks on the calling thread (`None` falls back
+/// to candle's own, unseedable generator). A trainer seeds it from (run seed, step,
+/// micro-batch) before each forward pass, so a resumed run draws exactly the masks an
+/// uninterrupted one would have.
+pub fn seed_dropout(seed: Option<u64>) {
+    use rand::SeedableRng;
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
+}
+
+/// Inverted dropout with probability `p`, drawing the mask from the seeded generator when
+/// there is one.
+fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
+    use rand::Rng;
+    let mask = DROPOUT_RNG.with(|r| {
+        r.borrow_mut().as_mut().map(|rng| {
+            let keep = 1.0 / (1.0 - p);
+            (0..x.elem_count())
+                .map(|_| if rng.random::<f32>() >= p { keep } else { 0.0 })
+                .collect::<Vec<f32>>()
+        })
+    });
+    match mask {
+        Some(m) => {
+            let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            Ok((x * m)?)
+        }
+        None => Ok(candle_nn::ops::dropout(x, p)?),
+    }
 }
 
 #[cfg(test)]

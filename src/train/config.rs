@@ -45,8 +45,8 @@ pub struct LoraSection {
     pub r: usize,
     /// `lora_alpha` (default 32, i.e. a scale of 2 at r = 16).
     pub alpha: f64,
-    /// Dropout on the adapter input (default 0). Non-zero dropout draws its masks from candle's
-    /// unseedable CPU generator, so a resumed run is then not bit-identical.
+    /// Dropout on the adapter input (default 0). Masks come from a generator seeded per
+    /// (seed, step, micro-batch), so resumed runs stay bit-identical.
     pub dropout: f32,
     /// Rank-stabilised scaling `alpha / sqrt(r)`.
     pub use_rslora: bool,

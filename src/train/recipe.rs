@@ -118,8 +118,8 @@ pub struct TrainerState {
     pub step: usize,
     /// Data position after that step.
     pub cursor: Cursor,
-    /// Seed of the run (data order and initialisation derive from it; no other RNG state
-    /// exists while dropout is 0).
+    /// Seed of the run: data order, initialisation and dropout masks (per step and
+    /// micro-batch) all derive from it, so it is the whole RNG state.
     pub seed: u64,
     /// Real tokens processed up to this step.
     pub tokens_seen: u64,
@@ -198,12 +198,6 @@ impl Recipe {
     /// checkpoint when resuming, and runs the preflight check.
     pub fn setup(&mut self) -> Result<(), TrainError> {
         let cfg = self.cfg.clone();
-        if cfg.lora.dropout > 0.0 {
-            self.warn(
-                "lora.dropout > 0 draws masks from candle's unseedable generator: a resumed run \
-                 will not be bit-identical to an uninterrupted one",
-            );
-        }
 
         // Model: frozen base weights + adapters, initialised from the seed (PEFT's init:
         // A Kaiming-uniform, B zero).
@@ -480,7 +474,11 @@ impl Recipe {
 
             let mut accum = GradAccumulator::default();
             let (mut loss, mut tokens) = (0.0, 0usize);
-            for plan in &plans {
+            for (micro, plan) in plans.iter().enumerate() {
+                // Dropout masks depend only on (seed, step, micro-batch): resume stays exact.
+                crate::model::lora::seed_dropout(Some(
+                    cfg.seed ^ ((step as u64) << 20) ^ (micro as u64) ^ 0x5EED_D80F,
+                ));
                 let batch = data::collate(&s.data.train, plan, s.pad_id, &self.device)?;
                 let out = s.model.forward(&batch.input_ids, &batch.packing, &opts)?;
                 let l = compute_loss(&s.model, &out, &batch, &s.loss, normaliser as f64, true)?;
