@@ -214,6 +214,9 @@ fn cli_train_then_merge_on_smollm2() -> R<()> {
     assert!(out.join("adapter_model.safetensors").is_file());
     assert!(out.join("metrics.jsonl").is_file());
 
+    // A template the student was trained with travels with the adapter into the merged model.
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    std::fs::write(out.join("chat_template.jinja"), template)?;
     let merged = dir.path().join("merged");
     let o = common::distill()
         .args(["merge", "--model"])
@@ -234,5 +237,6 @@ fn cli_train_then_merge_on_smollm2() -> R<()> {
     }
     let reloaded = distill::model::load::BaseModel::from_hf_dir(&merged)?;
     assert_eq!(reloaded.config.num_hidden_layers, 30);
+    assert_eq!(reloaded.tokenizer.chat_template(), Some(template));
     Ok(())
 }

@@ -304,6 +304,15 @@ impl ChatTokenizer {
         }
     }
 
+    /// Replaces the chat template, so a model exported after training with an overridden
+    /// template renders prompts exactly as the student saw them.
+    pub fn set_chat_template(&mut self, template: String) {
+        if let Some(Value::Object(m)) = &mut self.config_json {
+            m.insert("chat_template".into(), Value::String(template.clone()));
+        }
+        self.chat_template = Some(template);
+    }
+
     /// Renders the chat template for `messages`; with `add_generation_prompt` the assistant
     /// header is appended so generation (or the supervised completion) starts after it.
     pub fn apply_chat_template(

@@ -121,7 +121,13 @@ pub fn merge(
     dtype: Option<DType>,
 ) -> Result<MergeReport, TrainError> {
     let device = Device::Cpu;
-    let base = BaseModel::load(model_path, &device)?;
+    let mut base = BaseModel::load(model_path, &device)?;
+    // A template the student was trained with (`--chat-template`) travels with the adapter.
+    let template = adapter_dir.join("chat_template.jinja");
+    if template.is_file() {
+        let t = std::fs::read_to_string(&template).map_err(|e| TrainError::io(&template, e))?;
+        base.tokenizer.set_chat_template(t);
+    }
     let (lora_cfg, varmap) = lora::load_adapter(adapter_dir, &device)?;
     let adapter_tensors = varmap.all_vars().len();
     if adapter_tensors == 0 {
