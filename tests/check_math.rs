@@ -420,3 +420,13 @@ fn unit_phrases_after_pi_are_dropped() {
     both_ways("4\\pi \\text{ cm}^2", "4\\pi", true);
     both_ways("100\\pi \\text{ square units}", "10\\pi", false);
 }
+
+#[test]
+fn plus_minus_stands_for_both_solutions() {
+    both_ways("1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", true);
+    both_ways("1 \\pm \\sqrt{2}", "1-\\sqrt{2}, 1+\\sqrt{2}", true);
+    both_ways("x = 2 \\pm 3", "x = 5, x = -1", true);
+    both_ways("\\pm 3", "3, -3", true);
+    both_ways("1 \\pm \\sqrt{2}", "1+\\sqrt{2}", false);
+    both_ways("1 \\pm \\sqrt{2}", "1 \\pm \\sqrt{3}", false);
+}

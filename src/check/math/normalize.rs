@@ -38,6 +38,7 @@ pub fn normalize(raw: &str) -> Normalized {
     s = PERCENT_WORD.replace_all(&s, "").into_owned();
     s = MEMBERSHIP.replace(&s, "").into_owned();
     s = list_conjunctions(&s);
+    s = expand_plus_minus(&s);
     s = strip_units(&s);
     s = join_thousands(&s);
     s = mixed_numbers(&s);
@@ -182,6 +183,41 @@ fn list_conjunctions(s: &str) -> String {
     } else {
         s.to_string()
     }
+}
+
+/// Expands one top-level `a \pm b` into the list `a+b, a-b` (the two solutions it stands for).
+/// A `\pm` nested in braces or brackets (`\frac{1 \pm \sqrt{5}}{2}`) or next to a comma is
+/// left alone: splitting there would not give the two values.
+fn expand_plus_minus(s: &str) -> String {
+    let Some(pos) = s.find("\\pm") else {
+        return s.to_string();
+    };
+    if s[pos + 3..].contains("\\pm") || s.contains(',') {
+        return s.to_string();
+    }
+    let depth = s[..pos].chars().fold(0i32, |d, c| match c {
+        '{' | '(' | '[' => d + 1,
+        '}' | ')' | ']' => d - 1,
+        _ => d,
+    });
+    if depth != 0 {
+        return s.to_string();
+    }
+    let (lhs, rhs) = (s[..pos].trim(), s[pos + 3..].trim());
+    if rhs.is_empty() {
+        return s.to_string();
+    }
+    // Keep an `x =` prefix in front of the list only once.
+    let (prefix, lhs) = match lhs.split_once('=') {
+        Some((v, l)) if !v.trim().is_empty() && v.trim().chars().all(char::is_alphabetic) => {
+            (format!("{} = ", v.trim()), l.trim())
+        }
+        _ => (String::new(), lhs),
+    };
+    if lhs.is_empty() {
+        return format!("{prefix}{rhs}, -{rhs}");
+    }
+    format!("{prefix}{lhs}+{rhs}, {lhs}-{rhs}")
 }
 
 /// Drops trailing unit words (`5 cm^2`, `58 dollars`, `15 years old`).
