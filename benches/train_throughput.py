@@ -132,11 +132,8 @@ def cmd_make_traces(path, n_samples=16, lo=500, hi=512):
             {"role": "user", "content": user},
             {"role": "assistant", "content": completion},
         ]
-        try:
-            ids = tok.apply_chat_template(msgs, tokenize=True)
-        except Exception:
-            ids = tok(user + "\n" + completion)["input_ids"]
-        return len(ids)
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
 
     lines = []
     lengths = []
@@ -147,7 +144,7 @@ def cmd_make_traces(path, n_samples=16, lo=500, hi=512):
         k = i + 1
         completion = ""
         # Grow the completion one sentence at a time until it reaches lo tokens.
-        while True:
+        while len(sentences) < 1000:
             total += k
             sentences.append(f"Adding {k} gives {total}.")
             k += 1
