@@ -8,3 +8,18 @@
 pub mod code;
 pub mod math;
 pub mod rows;
+
+/// Splits a serialised checker result into its `verdict` (snake_case string) and the rest,
+/// which is the evidence stored beside it. Serialising once keeps the verdict names in the
+/// output identical to the enums' serde names.
+pub fn split_verdict<R: serde::Serialize>(result: &R) -> (String, serde_json::Value) {
+    let mut evidence = serde_json::to_value(result).unwrap_or(serde_json::Value::Null);
+    let verdict = match &mut evidence {
+        serde_json::Value::Object(m) => m.remove("verdict"),
+        _ => None,
+    };
+    let verdict = verdict
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    (verdict, evidence)
+}

@@ -199,12 +199,8 @@ pub fn check_math_rows(
             let passed = c.is_correct();
             summary.rows += 1;
             summary.passed += usize::from(passed);
-            let mut evidence = serde_json::to_value(&c).unwrap_or(Value::Null);
-            if let Value::Object(m) = &mut evidence {
-                m.remove("verdict");
-            }
-            let verdict = serde_json::to_value(c.verdict).unwrap_or(Value::Null);
-            write_row(out, row, verdict, passed, evidence)?;
+            let (verdict, evidence) = super::split_verdict(&c);
+            write_row(out, row, Value::String(verdict), passed, evidence)?;
         }
     }
 }
@@ -320,12 +316,8 @@ pub fn check_code_rows(
             let passed = r.passed();
             summary.rows += 1;
             summary.passed += usize::from(passed);
-            let mut evidence = serde_json::to_value(&r).unwrap_or(Value::Null);
-            if let Value::Object(m) = &mut evidence {
-                m.remove("verdict");
-            }
-            let verdict = serde_json::to_value(r.verdict).unwrap_or(Value::Null);
-            write_row(out, row, verdict, passed, evidence)?;
+            let (verdict, evidence) = super::split_verdict(&r);
+            write_row(out, row, Value::String(verdict), passed, evidence)?;
         }
     }
 }

@@ -312,14 +312,7 @@ fn run_math(trace: &Trace, opts: &MathOptions) -> CheckResult {
         .unwrap_or_default();
     let pred = answer_part(trace.completion.as_deref().unwrap_or_default());
     let c = math::check(gold, pred, opts);
-    let verdict = serde_json::to_value(c.verdict)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let mut evidence = serde_json::to_value(&c).unwrap_or(Value::Null);
-    if let Value::Object(m) = &mut evidence {
-        m.remove("verdict");
-    }
+    let (verdict, evidence) = crate::check::split_verdict(&c);
     CheckResult {
         kind: "math".into(),
         passed: c.is_correct(),
@@ -462,14 +455,7 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
                 let refs: Vec<&Trace> = code_todo.iter().map(|&i| &chunk[i]).collect();
                 let results = sandbox.check_batch(&code_jobs(&refs));
                 for (i, r) in code_todo.into_iter().zip(results) {
-                    let verdict = serde_json::to_value(r.verdict)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default();
-                    let mut evidence = serde_json::to_value(&r).unwrap_or(Value::Null);
-                    if let Value::Object(m) = &mut evidence {
-                        m.remove("verdict");
-                    }
+                    let (verdict, evidence) = crate::check::split_verdict(&r);
                     checks[i] = Some(CheckResult {
                         kind: "code".into(),
                         passed: r.passed(),

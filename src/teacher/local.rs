@@ -197,10 +197,27 @@ impl LocalTeacher {
             message: format!("{e:#}"),
         };
         let mut file_sha256 = None;
+        // GgufModelBuilder and TextModelBuilder share these setters but no trait.
+        macro_rules! build {
+            ($builder:expr, $token:expr, $hub:expr) => {{
+                let mut b = $builder
+                    .with_token_source($token)
+                    .with_max_num_seqs(cfg.max_num_seqs);
+                if let (true, Some(r)) = ($hub, &cfg.revision) {
+                    b = b.with_hf_revision(r);
+                }
+                if cfg.force_cpu {
+                    b = b.with_force_cpu();
+                }
+                if let Some(t) = &cfg.chat_template {
+                    b = b.with_chat_template(t);
+                }
+                b.build().await.map_err(load_err)?
+            }};
+        }
         let model = match &source {
             ModelSource::LocalGguf { dir, file } => {
-                let full = dir.join(file);
-                let p = full.clone();
+                let p = dir.join(file);
                 file_sha256 = Some(
                     tokio::task::spawn_blocking(move || sha256_file(&p))
                         .await
@@ -209,58 +226,22 @@ impl LocalTeacher {
                             message: e.to_string(),
                         })??,
                 );
-                let mut b = GgufModelBuilder::new(dir.to_string_lossy(), vec![file.clone()])
-                    .with_token_source(TokenSource::None)
-                    .with_max_num_seqs(cfg.max_num_seqs);
-                if cfg.force_cpu {
-                    b = b.with_force_cpu();
-                }
-                if let Some(t) = &cfg.chat_template {
-                    b = b.with_chat_template(t);
-                }
-                b.build().await.map_err(load_err)?
+                let b = GgufModelBuilder::new(dir.to_string_lossy(), vec![file.clone()]);
+                build!(b, TokenSource::None, false)
             }
             ModelSource::HubGguf { repo, file } => {
-                let mut b = GgufModelBuilder::new(repo, vec![file.clone()])
-                    .with_token_source(TokenSource::CacheToken)
-                    .with_max_num_seqs(cfg.max_num_seqs);
-                if let Some(r) = &cfg.revision {
-                    b = b.with_hf_revision(r);
-                }
-                if cfg.force_cpu {
-                    b = b.with_force_cpu();
-                }
-                if let Some(t) = &cfg.chat_template {
-                    b = b.with_chat_template(t);
-                }
-                b.build().await.map_err(load_err)?
+                let b = GgufModelBuilder::new(repo, vec![file.clone()]);
+                build!(b, TokenSource::CacheToken, true)
             }
             ModelSource::LocalSafetensors(dir) => {
-                let mut b = TextModelBuilder::new(dir.to_string_lossy())
-                    .with_token_source(TokenSource::None)
-                    .with_max_num_seqs(cfg.max_num_seqs);
-                if cfg.force_cpu {
-                    b = b.with_force_cpu();
-                }
-                if let Some(t) = &cfg.chat_template {
-                    b = b.with_chat_template(t);
-                }
-                b.build().await.map_err(load_err)?
+                build!(
+                    TextModelBuilder::new(dir.to_string_lossy()),
+                    TokenSource::None,
+                    false
+                )
             }
             ModelSource::HubSafetensors(repo) => {
-                let mut b = TextModelBuilder::new(repo)
-                    .with_token_source(TokenSource::CacheToken)
-                    .with_max_num_seqs(cfg.max_num_seqs);
-                if let Some(r) = &cfg.revision {
-                    b = b.with_hf_revision(r);
-                }
-                if cfg.force_cpu {
-                    b = b.with_force_cpu();
-                }
-                if let Some(t) = &cfg.chat_template {
-                    b = b.with_chat_template(t);
-                }
-                b.build().await.map_err(load_err)?
+                build!(TextModelBuilder::new(repo), TokenSource::CacheToken, true)
             }
         };
         Ok(LocalTeacher {
