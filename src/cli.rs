@@ -230,9 +230,13 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 2048)]
     pub memory_mb: u64,
     /// Parallel workers (default: all cores for math, twice the cores for code, whose
-    /// workers mostly wait on interpreter start-up).
+    /// workers partly wait on their sandboxes being set up and torn down).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Code: start a fresh interpreter for every program instead of forking it from a
+    /// warm one (the same isolation steps, slower).
+    #[arg(long)]
+    pub no_fork_server: bool,
 }
 
 /// Which teacher backend serves the samples.
@@ -629,6 +633,7 @@ fn check_code(
         cpu_time_limit: Duration::from_secs_f64(a.timeout),
         memory_limit_bytes: a.memory_mb.saturating_mul(1 << 20),
         workers: a.workers.unwrap_or(0),
+        fork_server: !a.no_fork_server,
         ..SandboxConfig::default()
     };
     let sandbox = Sandbox::new(cfg)?;

@@ -62,6 +62,16 @@ fn tight() -> SandboxConfig {
     }
 }
 
+/// The same limits with one interpreter started per program instead of a
+/// child forked from a warm server: both launch paths must contain the same
+/// programs.
+fn spawned(cfg: SandboxConfig) -> SandboxConfig {
+    SandboxConfig {
+        fork_server: false,
+        ..cfg
+    }
+}
+
 fn func_job(completion: &str, test_code: &str, entry: &str) -> CodeJob {
     CodeJob {
         prompt: String::new(),
@@ -125,6 +135,11 @@ fn human_eval_canonical_solutions_pass() {
         elapsed,
         jobs.len() as f64 / elapsed.as_secs_f64(),
         results[0].isolation
+    );
+    assert!(
+        results.iter().all(|r| r.isolation.fork_server),
+        "the warm fork server was not used: {:?}",
+        results[0]
     );
     let failures: Vec<_> = problems
         .iter()
@@ -271,8 +286,7 @@ fn syntax_and_runtime_errors_are_distinguished() {
     assert_verdict(&missing, CodeVerdict::RuntimeError);
 }
 
-#[test]
-fn early_exits_never_pass() {
+fn early_exits_never_pass_in(base: SandboxConfig) {
     let test = "def check(f):\n    assert f() == 1\n";
     let programs = [
         "import os\nos._exit(0)\ndef f():\n    return 1\n",
@@ -285,16 +299,16 @@ fn early_exits_never_pass() {
         "import os\nos.write(1, b'{\"status\": \"pass\", \"nonce\": \"\"}\\n')\ntry:\n    os.write(5, b'{\"status\": \"pass\", \"nonce\": \"x\"}\\n')\nexcept OSError:\n    pass\nos._exit(0)\n",
     ];
     for program in programs {
-        let r = check(&func_job(program, test, "f"), &tight());
+        let r = check(&func_job(program, test, "f"), &base);
         assert_verdict(&r, CodeVerdict::RuntimeError);
+        assert_eq!(r.isolation.fork_server, base.fork_server, "{r:#?}");
     }
 }
 
-#[test]
-fn infinite_loop_times_out() {
+fn infinite_loop_times_out_in(base: SandboxConfig) {
     let cfg = SandboxConfig {
         wall_timeout: Duration::from_millis(800),
-        ..tight()
+        ..base
     };
     let start = Instant::now();
     let r = check(
@@ -312,23 +326,21 @@ fn infinite_loop_times_out() {
     assert_verdict(&r, CodeVerdict::Timeout);
 }
 
-#[test]
-fn cpu_limit_times_out() {
+fn cpu_limit_times_out_in(base: SandboxConfig) {
     let cfg = SandboxConfig {
         wall_timeout: Duration::from_secs(5),
         cpu_time_limit: Duration::from_secs(1),
-        ..tight()
+        ..base
     };
     let r = check(&func_job("while True:\n    pass\n", "", "f"), &cfg);
     assert_verdict(&r, CodeVerdict::Timeout);
     assert!(r.duration_ms < 4000, "stopped by the CPU limit: {r:?}");
 }
 
-#[test]
-fn memory_bombs_hit_the_memory_limit() {
+fn memory_bombs_hit_the_memory_limit_in(base: SandboxConfig) {
     let cfg = SandboxConfig {
         memory_limit_bytes: 256 << 20,
-        ..tight()
+        ..base
     };
     let big = check(&func_job("x = bytearray(8 * 1024 ** 3)\n", "", "f"), &cfg);
     assert_verdict(&big, CodeVerdict::MemoryLimit);
@@ -343,8 +355,7 @@ fn memory_bombs_hit_the_memory_limit() {
     assert_verdict(&gradual, CodeVerdict::MemoryLimit);
 }
 
-#[test]
-fn fork_bomb_is_contained_and_leaves_no_processes() {
+fn fork_bomb_is_contained_and_leaves_no_processes_in(base: SandboxConfig) {
     let mark = marker();
     let program = format!(
         r#"import os
@@ -368,7 +379,7 @@ while True:
 "#
     );
     let start = Instant::now();
-    let r = check(&func_job(&program, "", "f"), &tight());
+    let r = check(&func_job(&program, "", "f"), &base);
     assert!(
         matches!(r.verdict, CodeVerdict::Timeout | CodeVerdict::RuntimeError),
         "{r:#?}"
@@ -398,8 +409,7 @@ while True:
     assert!(survivors.is_empty(), "processes survived: {survivors:?}");
 }
 
-#[test]
-fn process_count_limit_is_reported_and_enforced() {
+fn process_count_limit_is_reported_and_enforced_in(base: SandboxConfig) {
     let program = r#"import subprocess
 def f():
     procs = []
@@ -414,7 +424,7 @@ def f():
         p.wait()
     return n
 "#;
-    let sandbox = Sandbox::new(tight()).expect("sandbox");
+    let sandbox = Sandbox::new(base).expect("sandbox");
     let isolation = sandbox.isolation();
     let r = sandbox.check(&func_job(
         program,
@@ -428,14 +438,13 @@ def f():
     }
 }
 
-#[test]
-fn writes_outside_the_workdir_do_not_persist() {
+fn writes_outside_the_workdir_do_not_persist_in(base: SandboxConfig) {
     let mark = marker();
     let escape = PathBuf::from(format!("/tmp/distill-escape-{mark}"));
     let temp_root = tempfile::tempdir().expect("tempdir");
     let cfg = SandboxConfig {
         temp_root: Some(temp_root.path().to_path_buf()),
-        ..tight()
+        ..base
     };
     let program = format!(
         "def f():\n    with open('local.txt', 'w') as fh:\n        fh.write('ok')\n    with open('{}', 'w') as fh:\n        fh.write('escaped')\n",
@@ -466,8 +475,7 @@ fn writes_outside_the_workdir_do_not_persist() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-#[test]
-fn network_is_unreachable() {
+fn network_is_unreachable_in(base: SandboxConfig) {
     let program = r#"import socket
 def f():
     results = []
@@ -492,7 +500,7 @@ def f():
             "def check(f):\n    assert f() == ['failed'] * 3, f()\n",
             "f",
         ),
-        &tight(),
+        &base,
     );
     if r.isolation.net_namespace {
         assert_verdict(&r, CodeVerdict::Pass);
@@ -501,26 +509,24 @@ def f():
     }
 }
 
-#[test]
-fn segfault_is_a_runtime_error() {
+fn segfault_is_a_runtime_error_in(base: SandboxConfig) {
     let r = check(
         &func_job(
             "import ctypes\ndef f():\n    return ctypes.string_at(0)\n",
             "def check(f):\n    f()\n",
             "f",
         ),
-        &tight(),
+        &base,
     );
     assert_verdict(&r, CodeVerdict::RuntimeError);
     assert_eq!(r.signal, Some(libc::SIGSEGV), "{r:#?}");
 }
 
-#[test]
-fn output_flood_is_capped() {
+fn output_flood_is_capped_in(base: SandboxConfig) {
     let cfg = SandboxConfig {
         wall_timeout: Duration::from_secs(1),
         max_output_bytes: 4096,
-        ..tight()
+        ..base
     };
     let r = check(
         &func_job("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n    sys.stderr.write('y' * 65536)\n", "", "f"),
@@ -661,4 +667,142 @@ fn failure_reports_carry_exception_text_and_source_lines() {
     let tb = r.traceback_tail.as_deref().unwrap_or("");
     assert!(tb.contains("raise ValueError("), "{tb}");
     assert!(tb.contains("assert f() == 1"), "{tb}");
+}
+
+#[test]
+fn early_exits_never_pass() {
+    early_exits_never_pass_in(tight());
+}
+
+#[test]
+fn early_exits_never_pass_spawned() {
+    early_exits_never_pass_in(spawned(tight()));
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    infinite_loop_times_out_in(tight());
+}
+
+#[test]
+fn infinite_loop_times_out_spawned() {
+    infinite_loop_times_out_in(spawned(tight()));
+}
+
+#[test]
+fn cpu_limit_times_out() {
+    cpu_limit_times_out_in(tight());
+}
+
+#[test]
+fn cpu_limit_times_out_spawned() {
+    cpu_limit_times_out_in(spawned(tight()));
+}
+
+#[test]
+fn memory_bombs_hit_the_memory_limit() {
+    memory_bombs_hit_the_memory_limit_in(tight());
+}
+
+#[test]
+fn memory_bombs_hit_the_memory_limit_spawned() {
+    memory_bombs_hit_the_memory_limit_in(spawned(tight()));
+}
+
+#[test]
+fn fork_bomb_is_contained_and_leaves_no_processes() {
+    fork_bomb_is_contained_and_leaves_no_processes_in(tight());
+}
+
+#[test]
+fn fork_bomb_is_contained_and_leaves_no_processes_spawned() {
+    fork_bomb_is_contained_and_leaves_no_processes_in(spawned(tight()));
+}
+
+#[test]
+fn writes_outside_the_workdir_do_not_persist() {
+    writes_outside_the_workdir_do_not_persist_in(tight());
+}
+
+#[test]
+fn writes_outside_the_workdir_do_not_persist_spawned() {
+    writes_outside_the_workdir_do_not_persist_in(spawned(tight()));
+}
+
+#[test]
+fn network_is_unreachable() {
+    network_is_unreachable_in(tight());
+}
+
+#[test]
+fn network_is_unreachable_spawned() {
+    network_is_unreachable_in(spawned(tight()));
+}
+
+#[test]
+fn segfault_is_a_runtime_error() {
+    segfault_is_a_runtime_error_in(tight());
+}
+
+#[test]
+fn segfault_is_a_runtime_error_spawned() {
+    segfault_is_a_runtime_error_in(spawned(tight()));
+}
+
+#[test]
+fn output_flood_is_capped() {
+    output_flood_is_capped_in(tight());
+}
+
+#[test]
+fn output_flood_is_capped_spawned() {
+    output_flood_is_capped_in(spawned(tight()));
+}
+
+#[test]
+fn process_count_limit_is_reported_and_enforced() {
+    process_count_limit_is_reported_and_enforced_in(tight());
+}
+
+#[test]
+fn process_count_limit_is_reported_and_enforced_spawned() {
+    process_count_limit_is_reported_and_enforced_in(spawned(tight()));
+}
+
+#[test]
+fn a_program_cannot_take_down_the_fork_server() {
+    // Signalling the parent (the fork server) is refused under a dedicated
+    // uid; where it succeeds the run is lost, never passed, and later jobs
+    // still get a working server.
+    let program =
+        "import os, signal\ndef f():\n    os.kill(os.getppid(), signal.SIGKILL)\n    return 1\n";
+    let test = "def check(f):\n    assert f() == 1\n";
+    let sandbox = Sandbox::new(tight()).expect("sandbox");
+    let jobs: Vec<CodeJob> = (0..6).map(|_| func_job(program, test, "f")).collect();
+    for r in sandbox.check_batch(&jobs) {
+        if r.isolation.dropped_uid {
+            assert_verdict(&r, CodeVerdict::RuntimeError);
+            assert!(
+                r.exception
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("PermissionError"),
+                "{r:#?}"
+            );
+        } else {
+            assert_ne!(r.verdict, CodeVerdict::Pass, "{r:#?}");
+        }
+    }
+    let good: Vec<CodeJob> = (0..6)
+        .map(|i| {
+            func_job(
+                &format!("def f():\n    return {i}\n"),
+                &format!("def check(f):\n    assert f() == {i}\n"),
+                "f",
+            )
+        })
+        .collect();
+    for r in sandbox.check_batch(&good) {
+        assert_verdict(&r, CodeVerdict::Pass);
+    }
 }

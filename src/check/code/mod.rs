@@ -35,6 +35,7 @@
 //! assert!(results[0].passed());
 //! ```
 
+mod forkserver;
 mod runner;
 mod sandbox;
 

@@ -26,7 +26,7 @@ const HARNESS: &str = include_str!("harness.py");
 /// as 4 little-endian bytes, the harness code object in `marshal` format, then
 /// the job description) and runs the harness on the job description. Compiling
 /// the harness once per interpreter instead of in every run saves start-up time.
-const BOOTSTRAP: &str = "import marshal, posix
+pub(crate) const BOOTSTRAP: &str = "import marshal, posix
 b = []
 while True:
     c = posix.read(3, 65536)

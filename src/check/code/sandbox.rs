@@ -78,6 +78,11 @@ pub struct SandboxConfig {
     /// First uid of the range from which each run gets its own unprivileged uid
     /// (only when running as root). The range spans 2^24 ids.
     pub sandbox_uid_base: u32,
+    /// Fork each program from a warm interpreter (one per worker) instead of
+    /// starting a new interpreter: the same isolation steps, without the
+    /// interpreter's start-up cost. Falls back to one interpreter per program
+    /// when the server's children cannot set up the sandbox.
+    pub fork_server: bool,
 }
 
 impl Default for SandboxConfig {
@@ -96,6 +101,7 @@ impl Default for SandboxConfig {
             temp_root: None,
             require_network_isolation: false,
             sandbox_uid_base: 1_600_000_000,
+            fork_server: true,
         }
     }
 }
@@ -144,16 +150,21 @@ pub struct Isolation {
     pub dropped_uid: bool,
     /// `PR_SET_NO_NEW_PRIVS` was set, so set-uid binaries cannot regain privileges.
     pub no_new_privs: bool,
+    /// The program ran in a child forked from a warm interpreter (see
+    /// [`SandboxConfig::fork_server`]) rather than a freshly started one; the
+    /// steps above were taken in that child all the same.
+    #[serde(default)]
+    pub fork_server: bool,
 }
 
 /// One candidate combination of isolation steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Plan {
-    user_ns: bool,
-    net_ns: bool,
-    ipc_ns: bool,
-    mount_ns: bool,
-    drop_uid: bool,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Plan {
+    pub user_ns: bool,
+    pub net_ns: bool,
+    pub ipc_ns: bool,
+    pub mount_ns: bool,
+    pub drop_uid: bool,
 }
 
 impl Plan {
@@ -191,7 +202,7 @@ impl Plan {
         }
     }
 
-    fn isolation(&self) -> Isolation {
+    pub(crate) fn isolation(&self) -> Isolation {
         let is_root = unsafe { libc::geteuid() } == 0;
         Isolation {
             process_group: true,
@@ -205,6 +216,7 @@ impl Plan {
             private_tmpfs_workdir: self.mount_ns,
             dropped_uid: self.drop_uid,
             no_new_privs: true,
+            fork_server: false,
         }
     }
 }
@@ -297,6 +309,14 @@ impl Sandbox {
 
     /// Run the interpreter once with `args` under the sandbox.
     pub(crate) fn run(&self, req: &RunRequest<'_>) -> Result<RunOutcome, CodeCheckError> {
+        use super::forkserver::{self, ForkError};
+        if self.config.fork_server && !forkserver::known_unusable(&self.python, self.plan) {
+            match forkserver::run(&self.config, &self.python, self.plan, req) {
+                Ok(out) => return Ok(out),
+                Err(ForkError::Run(e)) => return Err(e),
+                Err(ForkError::Unusable(why)) => forkserver::give_up(&self.python, self.plan, &why),
+            }
+        }
         run_with_plan(&self.config, &self.python, self.plan, req)
     }
 }
@@ -402,11 +422,11 @@ fn probe_plan(config: &SandboxConfig, python: &Path) -> Result<Plan, CodeCheckEr
     )))
 }
 
-fn cstring(bytes: &[u8]) -> Result<CString, CodeCheckError> {
+pub(crate) fn cstring(bytes: &[u8]) -> Result<CString, CodeCheckError> {
     CString::new(bytes).map_err(|_| CodeCheckError::Sandbox("path contains a NUL byte".into()))
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: fds is a valid two-element array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -650,7 +670,7 @@ fn kill_uid_all(uid: u32) {
 
 /// Inode of the network namespace of `pid`, identifying the sandbox's private
 /// namespace.
-fn net_ns_inode(pid: libc::pid_t) -> Option<u64> {
+pub(crate) fn net_ns_inode(pid: libc::pid_t) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/{pid}/ns/net"))
         .ok()
@@ -661,7 +681,7 @@ fn net_ns_inode(pid: libc::pid_t) -> Option<u64> {
 /// a dedicated uid this is how processes that left the process group with
 /// `setsid` are found. Repeats until a pass finds nothing, so processes forked
 /// during a pass are caught by the next.
-fn kill_net_ns(ns: u64) {
+pub(crate) fn kill_net_ns(ns: u64) {
     use std::os::unix::fs::MetadataExt;
     for _ in 0..100 {
         let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -726,15 +746,38 @@ impl Reaper {
     }
 }
 
-struct Stream {
+pub(crate) struct Stream {
     fd: Option<OwnedFd>,
-    buf: Vec<u8>,
+    pub buf: Vec<u8>,
     cap: usize,
-    truncated: bool,
+    pub truncated: bool,
 }
 
 impl Stream {
-    fn new(fd: OwnedFd, cap: usize) -> Self {
+    pub fn is_open(&self) -> bool {
+        self.fd.is_some()
+    }
+
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
+    /// Block until the stream is readable or `timeout` passes.
+    pub fn wait_readable(&self, timeout: Duration) {
+        if let Some(fd) = self.raw_fd() {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe {
+                libc::poll(&mut pfd, 1, timeout.as_millis().min(60_000) as i32);
+            }
+        }
+    }
+
+    pub fn new(fd: OwnedFd, cap: usize) -> Self {
         set_nonblocking(fd.as_raw_fd());
         Self {
             fd: Some(fd),
@@ -745,7 +788,7 @@ impl Stream {
     }
 
     /// Read what is available; keep up to `cap` bytes and discard the rest.
-    fn pump(&mut self) {
+    pub fn pump(&mut self) {
         let Some(fd) = self.fd.as_ref() else { return };
         let mut chunk = [0u8; 16384];
         loop {
@@ -775,14 +818,18 @@ impl Stream {
     }
 }
 
-struct Feed<'a> {
+pub(crate) struct Feed<'a> {
     fd: Option<OwnedFd>,
     data: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Feed<'a> {
-    fn new(fd: OwnedFd, data: &'a [u8]) -> Self {
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|fd| fd.as_raw_fd())
+    }
+
+    pub fn new(fd: OwnedFd, data: &'a [u8]) -> Self {
         set_nonblocking(fd.as_raw_fd());
         let mut feed = Self {
             fd: Some(fd),
@@ -794,7 +841,7 @@ impl<'a> Feed<'a> {
     }
 
     /// Write what the pipe accepts; close when done or when the reader is gone.
-    fn pump(&mut self) {
+    pub fn pump(&mut self) {
         let Some(fd) = self.fd.as_ref() else { return };
         while self.pos < self.data.len() {
             let rest = &self.data[self.pos..];
@@ -815,15 +862,23 @@ impl<'a> Feed<'a> {
     }
 }
 
-fn run_with_plan(
+/// A run's working directory and the ids it runs under.
+pub(crate) struct Workdir {
+    pub dir: tempfile::TempDir,
+    pub uid: u32,
+    pub gid: u32,
+    /// Mount options of the private tmpfs mounted over `dir`.
+    pub tmpfs_opts: String,
+}
+
+/// Create the working directory of one run and pick its uid.
+pub(crate) fn prepare_workdir(
     config: &SandboxConfig,
-    python: &Path,
     plan: Plan,
-    req: &RunRequest<'_>,
-) -> Result<RunOutcome, CodeCheckError> {
+) -> Result<Workdir, CodeCheckError> {
     let sandbox_err = |what: &str, e: io::Error| CodeCheckError::Sandbox(format!("{what}: {e}"));
     let root = config.temp_root.clone().unwrap_or_else(std::env::temp_dir);
-    let workdir = tempfile::Builder::new()
+    let dir = tempfile::Builder::new()
         .prefix("distill-code-")
         .tempdir_in(&root)
         .map_err(|e| sandbox_err("creating the working directory", e))?;
@@ -836,17 +891,38 @@ fn run_with_plan(
     };
     let gid = if plan.drop_uid { uid } else { outer_gid };
     if plan.drop_uid && !plan.mount_ns {
-        std::os::unix::fs::chown(workdir.path(), Some(uid), Some(gid))
+        std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
             .map_err(|e| sandbox_err("handing the working directory to the sandbox uid", e))?;
     }
+    let tmpfs_opts = format!(
+        "size={},mode=0700,uid={uid},gid={gid}",
+        config.workdir_size_bytes.max(1 << 20)
+    );
+    Ok(Workdir {
+        dir,
+        uid,
+        gid,
+        tmpfs_opts,
+    })
+}
+
+fn run_with_plan(
+    config: &SandboxConfig,
+    python: &Path,
+    plan: Plan,
+    req: &RunRequest<'_>,
+) -> Result<RunOutcome, CodeCheckError> {
+    let sandbox_err = |what: &str, e: io::Error| CodeCheckError::Sandbox(format!("{what}: {e}"));
+    let Workdir {
+        dir: workdir,
+        uid,
+        gid,
+        tmpfs_opts,
+    } = prepare_workdir(config, plan)?;
+    // SAFETY: trivial libc getters.
+    let (outer_uid, outer_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let workdir_c = cstring(workdir.path().as_os_str().as_bytes())?;
-    let tmpfs_opts = cstring(
-        format!(
-            "size={},mode=0700,uid={uid},gid={gid}",
-            config.workdir_size_bytes.max(1 << 20)
-        )
-        .as_bytes(),
-    )?;
+    let tmpfs_opts = cstring(tmpfs_opts.as_bytes())?;
 
     let (stdin_r, stdin_w) = pipe().map_err(|e| sandbox_err("pipe", e))?;
     let (stdout_r, stdout_w) = pipe().map_err(|e| sandbox_err("pipe", e))?;
@@ -1037,7 +1113,7 @@ fn run_with_plan(
 
 /// Delete the working directory even if the program removed permissions from
 /// its own subdirectories.
-fn remove_workdir(dir: tempfile::TempDir) {
+pub(crate) fn remove_workdir(dir: tempfile::TempDir) {
     let path = dir.path().to_path_buf();
     if dir.close().is_ok() {
         return;
