@@ -430,3 +430,25 @@ fn plus_minus_stands_for_both_solutions() {
     both_ways("1 \\pm \\sqrt{2}", "1+\\sqrt{2}", false);
     both_ways("1 \\pm \\sqrt{2}", "1 \\pm \\sqrt{3}", false);
 }
+
+#[test]
+fn repeating_decimals_are_exact_fractions() {
+    both_ways("0.\\overline{3}", "\\frac{1}{3}", true);
+    both_ways("0.1\\overline{6}", "\\frac{1}{6}", true);
+    both_ways("1.2\\overline{3}", "37/30", true);
+    both_ways("0.\\overline{142857}", "1/7", true);
+    both_ways("-0.\\overline{3}", "-\\frac{1}{3}", true);
+    both_ways("0.\\overline{3}", "0.3", false);
+    both_ways("0.\\overline{6}", "\\frac{1}{3}", false);
+    let out = run("\\frac{1}{3}", "0.\\overline{3}");
+    assert_eq!(out.rule, Rule::RationalEqual);
+}
+
+#[test]
+fn a_one_element_set_equals_its_element() {
+    both_ways("\\{2\\}", "2", true);
+    both_ways("\\{\\frac{1}{2}\\}", "0.5", true);
+    both_ways("\\{2\\}", "3", false);
+    both_ways("\\{2, 3\\}", "2", false);
+    both_ways("\\{2\\}", "(2, 3)", false);
+}

@@ -111,6 +111,10 @@ fn collection_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
         (Expr::Union(x), other) | (other, Expr::Union(x)) if x.len() == 1 => {
             equivalent(&x[0], other, cx)
         }
+        // A one-element solution set states the same answer as its element.
+        (Expr::Set(x), other) | (other, Expr::Set(x)) if x.len() == 1 && !is_collection(other) => {
+            equivalent(&x[0], other, cx)
+        }
         _ => match (as_interval(a), as_interval(b)) {
             (Some(x), Some(y)) if is_interval(a) || is_interval(b) => interval_pair(&x, &y, cx),
             _ if is_collection(a) || is_collection(b) => Ok((false, Rule::KindMismatch)),

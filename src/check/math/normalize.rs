@@ -25,6 +25,7 @@ pub struct Normalized {
 pub fn normalize(raw: &str) -> Normalized {
     let mut s = raw.trim().to_string();
     s = replace_symbols(&s);
+    s = repeating_decimals(&s);
     s = unwrap_commands(&s);
     s = strip_delimiters(&s);
     s = SIZING.replace_all(&s, "").into_owned();
@@ -267,6 +268,39 @@ fn is_bracketed(s: &str) -> bool {
 }
 
 /// Mixed numbers `2 1/2` and `2\frac{1}{2}` become `(2+1/2)`.
+static REPEATING: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"(\d*)\.(\d*)\\(?:overline|bar)\{(\d+)\}"));
+
+/// A repeating decimal (`0.\overline{3}`, `1.2\overline{45}`) as the exact
+/// fraction it denotes, so that it equals `\frac{1}{3}` exactly rather than
+/// within a tolerance (or not at all once the bar is dropped). Too many digits
+/// for 128-bit arithmetic leave the text as it is.
+fn repeating_decimals(s: &str) -> String {
+    REPEATING
+        .replace_all(s, |c: &Captures| {
+            let whole = c.get(0).map_or("", |m| m.as_str()).to_string();
+            let (int, fixed, rep) = (&c[1], &c[2], &c[3]);
+            let value = |digits: &str| -> Option<u128> {
+                if digits.is_empty() {
+                    Some(0)
+                } else if digits.len() > 36 {
+                    None
+                } else {
+                    digits.parse().ok()
+                }
+            };
+            let pow10 = |n: usize| 10u128.checked_pow(u32::try_from(n).ok()?);
+            let fraction = (|| {
+                let all = value(&format!("{int}{fixed}{rep}"))?;
+                let head = value(&format!("{int}{fixed}"))?;
+                let den = pow10(fixed.len())?.checked_mul(pow10(rep.len())?.checked_sub(1)?)?;
+                Some(format!("\\frac{{{}}}{{{den}}}", all.checked_sub(head)?))
+            })();
+            fraction.unwrap_or(whole)
+        })
+        .into_owned()
+}
+
 fn mixed_numbers(s: &str) -> String {
     let s = MIXED_SLASH.replace_all(s, "$1($2+$3/$4)").into_owned();
     MIXED_FRAC
