@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use distill::check::code::{
@@ -805,4 +806,70 @@ fn a_program_cannot_take_down_the_fork_server() {
     for r in sandbox.check_batch(&good) {
         assert_verdict(&r, CodeVerdict::Pass);
     }
+}
+
+/// Tests that the unprivileged run repeats (as `nobody`, through a user
+/// namespace instead of a dedicated uid).
+const UNPRIVILEGED_TESTS: [&str; 7] = [
+    "human_eval_canonical_solutions_pass",
+    "early_exits_never_pass",
+    "fork_bomb_is_contained_and_leaves_no_processes",
+    "writes_outside_the_workdir_do_not_persist",
+    "network_is_unreachable",
+    "memory_bombs_hit_the_memory_limit",
+    "a_program_cannot_take_down_the_fork_server",
+];
+
+#[test]
+fn unprivileged_users_get_the_same_containment() {
+    if std::env::var_os("DISTILL_TEST_UNPRIVILEGED").is_some() {
+        // This is the unprivileged run itself.
+        let sandbox = Sandbox::new(tight()).expect("sandbox");
+        let iso = sandbox.isolation();
+        assert!(
+            iso.user_namespace && iso.net_namespace && iso.read_only_root,
+            "{iso:?}"
+        );
+        return;
+    }
+    // SAFETY: trivial getter.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: this run already is the unprivileged path");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let drop_to_nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let usable = Command::new("setpriv")
+        .args(drop_to_nobody)
+        .args(["test", "-x"])
+        .arg(&exe)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !usable {
+        eprintln!(
+            "skipped: setpriv missing or {} not executable by nobody",
+            exe.display()
+        );
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(drop_to_nobody)
+        .arg("env")
+        .arg("HOME=/tmp")
+        .arg("DISTILL_TEST_UNPRIVILEGED=1")
+        .arg(&exe)
+        .args(UNPRIVILEGED_TESTS)
+        .arg("unprivileged_users_get_the_same_containment")
+        .args(["--exact", "--test-threads", "2"])
+        .output()
+        .expect("run the tests as nobody");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "unprivileged run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = format!("{} passed", UNPRIVILEGED_TESTS.len() + 1);
+    assert!(stdout.contains(&expected), "{stdout}");
 }
