@@ -492,7 +492,8 @@ mod tests {
         assert_eq!(eq("x > 3", "3 < x"), (true, Rule::RelationEqual));
         assert_eq!(eq("x > 3", "(3, \\infty)"), (true, Rule::IntervalEqual));
         assert_eq!(eq("x = 5", "5"), (true, Rule::RationalEqual));
-        assert_eq!(eq("\\{1\\}", "1"), (false, Rule::KindMismatch));
+        assert_eq!(eq("\\{1\\}", "1"), (true, Rule::RationalEqual));
+        assert_eq!(eq("\\{1, 2\\}", "1"), (false, Rule::KindMismatch));
     }
 
     #[test]
