@@ -399,24 +399,27 @@ impl LoraLinear {
         let in_dim = *dims
             .last()
             .ok_or_else(|| ModelError::Input("linear input is a scalar".into()))?;
-        let rows = xs.elem_count() / in_dim.max(1);
-        let x2 = xs.reshape((rows, in_dim))?;
+        // The fused ops take any number of leading dimensions, so the common paths add no
+        // reshape nodes to the graph.
         let mut y = match &self.lora {
             Some(l) if train && l.dropout > 0.0 => {
+                let rows = xs.elem_count() / in_dim.max(1);
+                let x2 = xs.reshape((rows, in_dim))?;
                 let xd = dropout(&x2, l.dropout)?;
                 let delta = (xd.matmul(&l.lora_a.t()?)? * l.scale)?.matmul(&l.lora_b.t()?)?;
-                (ops::frozen_linear(&x2, &self.weight)? + delta)?
+                let y = (ops::frozen_linear(&x2, &self.weight)? + delta)?;
+                let mut out_dims = dims;
+                let last = out_dims.len() - 1;
+                out_dims[last] = self.weight.dim(0)?;
+                y.reshape(out_dims)?
             }
-            Some(l) => ops::lora_linear(&x2, &self.weight, &l.lora_a, &l.lora_b, l.scale)?,
-            None => ops::frozen_linear(&x2, &self.weight)?,
+            Some(l) => ops::lora_linear(xs, &self.weight, &l.lora_a, &l.lora_b, l.scale)?,
+            None => ops::frozen_linear(xs, &self.weight)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        Ok(y)
     }
 }
 

@@ -15,6 +15,7 @@
 //! All operations used by the forward pass are differentiable in candle (the fused
 //! `rms_norm`/`rope` kernels of `candle-nn` have no backward pass, so they are not used).
 
+pub mod gemm;
 pub mod llama;
 pub mod load;
 pub mod lora;

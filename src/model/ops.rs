@@ -8,70 +8,80 @@
 //! node keeps only its inputs and output, and whose backward pass produces exactly the
 //! gradients required (never one for a frozen weight).
 //!
+//! Their f32 CPU paths work on the raw buffers: every product is one [`sgemm`] call (no copy
+//! of operands into tensors, the LoRA scale and sums folded into `alpha`/`beta`), element-wise
+//! loops run on the rayon pool, and attention runs one head and block of queries per task on
+//! the `(batch, seq, heads, head_dim)` layout, skipping key blocks the mask hides entirely and
+//! never materialising the `(batch, heads, seq, seq)` scores. Other dtypes and devices fall
+//! back to plain candle operations.
+//!
 //! Frozen weights, masks and rotary tables are captured in the op rather than passed as
 //! arguments, so autograd never sees them.
 
+use super::gemm::{pool_threads, sgemm, sgemm_raw, Mat};
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, D,
 };
+use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Copies a contiguous CPU storage region into a tensor of the same dtype.
-fn cpu_tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("fused op: non-contiguous input")
-    };
-    let shape = l.shape().clone();
-    let dev = Device::Cpu;
-    match s {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], shape, &dev),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], shape, &dev),
-        CpuStorage::F16(v) => Tensor::from_slice(&v[a..b], shape, &dev),
-        CpuStorage::BF16(v) => Tensor::from_slice(&v[a..b], shape, &dev),
-        _ => bail!("fused op: unsupported dtype"),
-    }
-}
-
-/// Contiguous f32 values of a CPU storage region.
-fn cpu_f32(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+/// The f32 elements of a contiguous CPU storage region.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(v[a..b].to_vec()),
-        _ => cpu_tensor(s, l)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>(),
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => bail!("fused op: non-contiguous input"),
+        _ => bail!("fused op: f32 input required"),
     }
 }
 
-/// The storage of `t` converted to `dtype`.
-fn cpu_storage(t: &Tensor, dtype: DType) -> Result<(CpuStorage, Shape)> {
-    let shape = t.shape().clone();
-    let flat = t.to_dtype(dtype)?.flatten_all()?;
-    let s = match dtype {
-        DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-        DType::F16 => CpuStorage::F16(flat.to_vec1()?),
-        DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
-        other => bail!("fused op: unsupported dtype {other:?}"),
-    };
-    Ok((s, shape))
+/// Runs `f` on the contiguous f32 CPU data of `t` (copied only when `t` is a strided view).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok(f(f32_slice(s, layout)?)),
+        _ => bail!("fused op: CPU tensor required"),
+    }
 }
 
-fn f32_storage(v: Vec<f32>, shape: &Shape) -> (CpuStorage, Shape) {
-    (CpuStorage::F32(v), shape.clone())
+fn f32_storage(v: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
+    (CpuStorage::F32(v), shape.into())
 }
 
-fn vec_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+/// Whether the fused f32 CPU path applies to all of `ts`.
+fn fused_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
+
+/// `(rows, last)` of a tensor treated as a matrix over its last dimension.
+fn as_rows(shape: &Shape) -> Result<(usize, usize)> {
+    let last = *shape.dims().last().unwrap_or(&1);
+    if last == 0 {
+        bail!("fused op: empty last dimension");
+    }
+    Ok((shape.elem_count() / last, last))
+}
+
+/// `shape` with its last dimension replaced by `last`.
+fn with_last(shape: &Shape, last: usize) -> Shape {
+    let mut dims = shape.dims().to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    dims.into()
+}
+
+/// Element-wise loops run on the rayon pool in chunks of this many values.
+const CHUNK: usize = 1 << 14;
 
 // ---------------------------------------------------------------------------------------------
 // Linear layers with a frozen weight.
 // ---------------------------------------------------------------------------------------------
 
-/// `x W^T` for a frozen `W` `(out, in)`; `x` is `(rows, in)`. The backward pass returns only
-/// `grad W` for `x`.
+/// `x W^T` for a frozen `W` `(out, in)` over the last dimension of `x`. The backward pass
+/// returns only the gradient for `x`.
 struct FrozenLinear {
     w: Tensor,
 }
@@ -82,21 +92,56 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(s, l)?;
-        let y = x.matmul(&self.w.t()?)?;
-        cpu_storage(&y, x.dtype())
+        let x = f32_slice(s, l)?;
+        let (rows, din) = as_rows(l.shape())?;
+        let dout = self.w.dim(0)?;
+        let mut y = vec![0f32; rows * dout];
+        with_f32(&self.w, |w| {
+            sgemm(
+                rows,
+                dout,
+                din,
+                1.0,
+                Mat::new(x, din),
+                Mat::new(w, din).t(),
+                0.0,
+                &mut y,
+                dout,
+                pool_threads(),
+            )
+        })?;
+        Ok(f32_storage(y, with_last(l.shape(), dout)))
     }
 
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.contiguous()?.matmul(&self.w)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, din) = as_rows(x.shape())?;
+        let dout = self.w.dim(0)?;
+        let mut dx = vec![0f32; rows * din];
+        with_f32(g, |g| {
+            with_f32(&self.w, |w| {
+                sgemm(
+                    rows,
+                    din,
+                    dout,
+                    1.0,
+                    Mat::new(g, dout),
+                    Mat::new(w, din),
+                    0.0,
+                    &mut dx,
+                    din,
+                    pool_threads(),
+                )
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 
 /// `x W^T + scale * (x A^T) B^T` with a frozen `W` `(out, in)` and trainable `A` `(r, in)`,
-/// `B` `(out, r)`; `x` is `(rows, in)`.
+/// `B` `(out, r)`, over the last dimension of `x`.
 struct LoraMatmul {
     w: Tensor,
-    scale: f64,
+    scale: f32,
 }
 
 impl CustomOp3 for LoraMatmul {
@@ -113,12 +158,54 @@ impl CustomOp3 for LoraMatmul {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(s1, l1)?;
-        let a = cpu_tensor(s2, l2)?;
-        let b = cpu_tensor(s3, l3)?;
-        let u = (x.matmul(&a.t()?)? * self.scale)?;
-        let y = (x.matmul(&self.w.t()?)? + u.matmul(&b.t()?)?)?;
-        cpu_storage(&y, x.dtype())
+        let (x, a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (rows, din) = as_rows(l1.shape())?;
+        let (r, _) = l2.shape().dims2()?;
+        let (dout, _) = l3.shape().dims2()?;
+        let threads = pool_threads();
+        let mut y = vec![0f32; rows * dout];
+        with_f32(&self.w, |w| {
+            let x = Mat::new(x, din);
+            sgemm(
+                rows,
+                dout,
+                din,
+                1.0,
+                x,
+                Mat::new(w, din).t(),
+                0.0,
+                &mut y,
+                dout,
+                threads,
+            );
+            let mut u = vec![0f32; rows * r];
+            sgemm(
+                rows,
+                r,
+                din,
+                1.0,
+                x,
+                Mat::new(a, din).t(),
+                0.0,
+                &mut u,
+                r,
+                threads,
+            );
+            let u = Mat::new(&u, r);
+            sgemm(
+                rows,
+                dout,
+                r,
+                self.scale,
+                u,
+                Mat::new(b, r).t(),
+                1.0,
+                &mut y,
+                dout,
+                threads,
+            );
+        })?;
+        Ok(f32_storage(y, with_last(l1.shape(), dout)))
     }
 
     fn bwd(
@@ -129,37 +216,118 @@ impl CustomOp3 for LoraMatmul {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, a, b) = (x.detach(), a.detach(), b.detach());
-        let g = g.contiguous()?;
-        let gu = (g.matmul(&b)? * self.scale)?;
-        let dx = (g.matmul(&self.w)? + gu.matmul(&a)?)?;
-        let u = x.matmul(&a.t()?)?;
-        let db = (g.t()?.matmul(&u)? * self.scale)?;
-        let da = gu.t()?.matmul(&x)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        let (rows, din) = as_rows(x.shape())?;
+        let (r, _) = a.dims2()?;
+        let (dout, _) = b.dims2()?;
+        let (s, threads) = (self.scale, pool_threads());
+        let mut gu = vec![0f32; rows * r];
+        let mut dx = vec![0f32; rows * din];
+        let mut u = vec![0f32; rows * r];
+        let mut da = vec![0f32; r * din];
+        let mut db = vec![0f32; dout * r];
+        with_f32(g, |gv| -> Result<()> {
+            let g = Mat::new(gv, dout);
+            // gu = scale * g B; dx = g W + gu A.
+            with_f32(b, |b| {
+                sgemm(
+                    rows,
+                    r,
+                    dout,
+                    s,
+                    g,
+                    Mat::new(b, r),
+                    0.0,
+                    &mut gu,
+                    r,
+                    threads,
+                )
+            })?;
+            with_f32(&self.w, |w| {
+                sgemm(
+                    rows,
+                    din,
+                    dout,
+                    1.0,
+                    g,
+                    Mat::new(w, din),
+                    0.0,
+                    &mut dx,
+                    din,
+                    threads,
+                )
+            })?;
+            with_f32(a, |a| {
+                let a = Mat::new(a, din);
+                let gu = Mat::new(&gu, r);
+                sgemm(rows, din, r, 1.0, gu, a, 1.0, &mut dx, din, threads);
+                with_f32(x, |x| {
+                    let x = Mat::new(x, din);
+                    // u = x A^T (recomputed); dA = gu^T x; dB = scale * g^T u.
+                    sgemm(rows, r, din, 1.0, x, a.t(), 0.0, &mut u, r, threads);
+                    sgemm(r, din, rows, 1.0, gu.t(), x, 0.0, &mut da, din, threads);
+                })
+            })??;
+            sgemm(
+                dout,
+                r,
+                rows,
+                s,
+                g.t(),
+                Mat::new(&u, r),
+                0.0,
+                &mut db,
+                r,
+                threads,
+            );
+            Ok(())
+        })??;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(da, (r, din), dev)?),
+            Some(Tensor::from_vec(db, (dout, r), dev)?),
+        ))
     }
 }
 
-/// `x W^T` with `W` frozen, for `x` `(rows, in)`.
+/// `x` as `(rows, in)` and a function giving the output back its leading dimensions, for the
+/// plain candle fallbacks.
+fn flatten_rows(x: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let (rows, din) = as_rows(x.shape())?;
+    Ok((x.reshape((rows, din))?, dims))
+}
+
+fn unflatten(y: Tensor, mut dims: Vec<usize>) -> Result<Tensor> {
+    let out = y.dim(D::Minus1)?;
+    if let Some(d) = dims.last_mut() {
+        *d = out;
+    }
+    y.reshape(dims)
+}
+
+/// `x W^T` with `W` `(out, in)` frozen, over the last dimension of `x`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return x.matmul(&w.detach().t()?);
+    if !fused_f32(&[x, w]) {
+        let (x2, dims) = flatten_rows(x)?;
+        return unflatten(x2.matmul(&w.detach().t()?)?, dims);
     }
     x.contiguous()?.apply_op1(FrozenLinear { w: w.detach() })
 }
 
-/// `x W^T + scale * (x A^T) B^T` with `W` frozen, for `x` `(rows, in)`.
+/// `x W^T + scale * (x A^T) B^T` with `W` frozen, over the last dimension of `x`.
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        let delta = (x.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?;
-        return x.matmul(&w.detach().t()?)? + delta;
+    if !fused_f32(&[x, w, a, b]) {
+        let (x2, dims) = flatten_rows(x)?;
+        let delta = (x2.matmul(&a.t()?)? * scale)?.matmul(&b.t()?)?;
+        return unflatten((x2.matmul(&w.detach().t()?)? + delta)?, dims);
     }
     x.contiguous()?.apply_op3(
-        a,
-        b,
+        &a.contiguous()?,
+        &b.contiguous()?,
         LoraMatmul {
             w: w.detach(),
-            scale,
+            scale: scale as f32,
         },
     )
 }
@@ -179,6 +347,11 @@ impl RmsNormOp {
         let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
         1.0 / (ms + self.eps).sqrt()
     }
+
+    /// Rows per parallel chunk.
+    fn rows_per_chunk(&self) -> usize {
+        (CHUNK / self.w.len()).max(1)
+    }
 }
 
 impl CustomOp1 for RmsNormOp {
@@ -187,48 +360,70 @@ impl CustomOp1 for RmsNormOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut x = cpu_f32(s, l)?;
+        let x = f32_slice(s, l)?;
         let n = self.w.len();
-        for row in x.chunks_mut(n) {
-            let r = self.inv_rms(row);
-            for (v, w) in row.iter_mut().zip(self.w.iter()) {
-                *v *= r * w;
-            }
-        }
-        Ok(f32_storage(x, l.shape()))
+        let step = n * self.rows_per_chunk();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(step)
+            .zip(x.par_chunks(step))
+            .for_each(|(yc, xc)| {
+                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                    let r = self.inv_rms(xr);
+                    for ((o, v), w) in yr.iter_mut().zip(xr).zip(self.w.iter()) {
+                        *o = v * r * w;
+                    }
+                }
+            });
+        Ok(f32_storage(y, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let xv = vec_f32(x)?;
-        let gv = vec_f32(g)?;
         let n = self.w.len();
-        let mut dx = vec![0f32; xv.len()];
-        for ((xr, gr), dr) in xv.chunks(n).zip(gv.chunks(n)).zip(dx.chunks_mut(n)) {
-            let r = self.inv_rms(xr);
-            let dot: f32 = xr
-                .iter()
-                .zip(gr)
-                .zip(self.w.iter())
-                .map(|((x, g), w)| x * g * w)
-                .sum();
-            let c = r * r * r * dot / n as f32;
-            for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(self.w.iter()) {
-                *d = r * g * w - c * x;
-            }
-        }
+        let step = n * self.rows_per_chunk();
+        let mut dx = vec![0f32; x.elem_count()];
+        with_f32(x, |xv| {
+            with_f32(g, |gv| {
+                dx.par_chunks_mut(step)
+                    .zip(xv.par_chunks(step))
+                    .zip(gv.par_chunks(step))
+                    .for_each(|((dc, xc), gc)| {
+                        for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
+                            let r = self.inv_rms(xr);
+                            let dot: f32 = xr
+                                .iter()
+                                .zip(gr)
+                                .zip(self.w.iter())
+                                .map(|((x, g), w)| x * g * w)
+                                .sum();
+                            let c = r * r * r * dot / n as f32;
+                            for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(self.w.iter())
+                            {
+                                *d = r * g * w - c * x;
+                            }
+                        }
+                    })
+            })
+        })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
 
 /// Fused RMSNorm for f32 CPU tensors; `None` when not applicable.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    if !fused_f32(&[x, w]) {
         return Ok(None);
     }
     let op = RmsNormOp {
         w: Arc::new(w.flatten_all()?.to_vec1::<f32>()?),
         eps: eps as f32,
     };
+    if x.dim(D::Minus1)? != op.w.len() {
+        bail!(
+            "rms_norm: weight of {} for input {:?}",
+            op.w.len(),
+            x.dims()
+        );
+    }
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
@@ -250,19 +445,21 @@ impl RopeOp {
     fn rotate(&self, x: &mut [f32], inverse: bool) {
         let (h, half) = (self.heads, self.half);
         let sign = if inverse { -1.0 } else { 1.0 };
-        for (pos, chunk) in x.chunks_mut(h * 2 * half).enumerate() {
-            let c = &self.cos[pos * half..(pos + 1) * half];
-            let s = &self.sin[pos * half..(pos + 1) * half];
-            for head in chunk.chunks_mut(2 * half) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    let si = sign * s[i];
-                    x1[i] = a * c[i] - b * si;
-                    x2[i] = b * c[i] + a * si;
+        x.par_chunks_mut(h * 2 * half)
+            .enumerate()
+            .for_each(|(pos, chunk)| {
+                let c = &self.cos[pos * half..(pos + 1) * half];
+                let s = &self.sin[pos * half..(pos + 1) * half];
+                for head in chunk.chunks_mut(2 * half) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (x1[i], x2[i]);
+                        let si = sign * s[i];
+                        x1[i] = a * c[i] - b * si;
+                        x2[i] = b * c[i] + a * si;
+                    }
                 }
-            }
-        }
+            });
     }
 }
 
@@ -272,13 +469,13 @@ impl CustomOp1 for RopeOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut x = cpu_f32(s, l)?;
+        let mut x = f32_slice(s, l)?.to_vec();
         self.rotate(&mut x, false);
-        Ok(f32_storage(x, l.shape()))
+        Ok(f32_storage(x, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let mut gv = vec_f32(g)?;
+        let mut gv = with_f32(g, <[f32]>::to_vec)?;
         self.rotate(&mut gv, true);
         Ok(Some(Tensor::from_vec(gv, x.shape(), x.device())?))
     }
@@ -287,17 +484,20 @@ impl CustomOp1 for RopeOp {
 /// Fused RoPE on `(batch, seq, heads, head_dim)` f32 CPU tensors with `(batch, 1, seq,
 /// head_dim / 2)` tables; `None` when not applicable.
 pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !fused_f32(&[x]) {
         return Ok(None);
     }
     let (_, _, heads, d) = x.dims4()?;
+    let table = |t: &Tensor| -> Result<Arc<Vec<f32>>> {
+        Ok(Arc::new(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+    };
     let op = RopeOp {
-        cos: Arc::new(vec_f32(cos)?),
-        sin: Arc::new(vec_f32(sin)?),
+        cos: table(cos)?,
+        sin: table(sin)?,
         heads,
         half: d / 2,
     };
-    if op.cos.len() * 2 * heads != x.elem_count() {
+    if op.cos.len() * 2 * heads != x.elem_count() || op.sin.len() != op.cos.len() {
         bail!("rope: tables do not match the input shape {:?}", x.dims());
     }
     Ok(Some(x.contiguous()?.apply_op1(op)?))
@@ -307,36 +507,250 @@ pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor
 // Attention.
 // ---------------------------------------------------------------------------------------------
 
-/// `softmax(q k^T * scale + mask) v` with grouped-query heads, on `(batch, seq, heads,
-/// head_dim)` inputs (`k`/`v` with `heads / n_rep` heads), output `(batch, seq, heads,
-/// head_dim)`. The probabilities are recomputed in the backward pass instead of being kept.
+/// Query rows per attention task.
+const QUERY_BLOCK: usize = 64;
+
+/// `softmax(q k^T * scale + mask) v` with grouped-query heads on `(batch, seq, heads,
+/// head_dim)` inputs (`k`/`v` with `heads / n_rep` heads); output in the same layout. The
+/// probabilities are recomputed in the backward pass instead of being kept.
 struct AttentionOp {
-    /// `(batch, 1, seq, seq)` f32 additive mask.
-    mask: Tensor,
-    scale: f64,
+    /// `(batch, seq, seq)` additive mask (0 or -inf).
+    mask: Arc<Vec<f32>>,
+    /// Per (batch, query block): keys past this column are masked for every row of the block.
+    key_end: Arc<Vec<usize>>,
+    scale: f32,
 }
 
-/// `(b, t, n, d)` -> `(b, n, t, d)` contiguous.
-fn heads_first(x: &Tensor) -> Result<Tensor> {
-    x.transpose(1, 2)?.contiguous()
+/// Sizes of one attention call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn blocks(&self) -> usize {
+        self.t.div_ceil(QUERY_BLOCK)
+    }
+
+    /// Query rows `r0..r1` of block `blk`.
+    fn rows(&self, blk: usize) -> (usize, usize) {
+        (blk * QUERY_BLOCK, ((blk + 1) * QUERY_BLOCK).min(self.t))
+    }
+
+    /// Offset of (batch `bi`, row `r`, query head `h`) in a query-layout buffer.
+    fn q_at(&self, bi: usize, r: usize, h: usize) -> usize {
+        (bi * self.t + r) * self.nh * self.d + h * self.d
+    }
+
+    /// Offset of (batch `bi`, row 0, kv head `kh`) in a key/value-layout buffer.
+    fn kv_at(&self, bi: usize, kh: usize) -> usize {
+        bi * self.t * self.nkv * self.d + kh * self.d
+    }
+}
+
+/// A buffer written by several rayon tasks, each to its own disjoint elements.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: only used to hand disjoint output regions to parallel tasks (see the callers).
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The buffer's start. A method rather than the field, so that closures capture the
+    /// whole `Send` wrapper and not the raw pointer inside it.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
 }
 
 impl AttentionOp {
-    /// `(q', k', v', probs)`: q grouped as `(b, n_kv, n_rep * t, d)`, k/v as `(b, n_kv, t, d)`,
-    /// probs `(b, n_kv, n_rep * t, t)`.
-    fn probs(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[Tensor; 4]> {
-        let (b, t, nh, d) = q.dims4()?;
-        let nkv = k.dim(2)?;
+    /// Probabilities of query head `h`, rows `r0..r1` of batch `bi`, over keys `0..ke`,
+    /// written to `p` (row stride `ke`).
+    #[allow(clippy::too_many_arguments)]
+    fn probs(
+        &self,
+        dm: &Dims,
+        q: &[f32],
+        k: &[f32],
+        bi: usize,
+        h: usize,
+        (r0, r1): (usize, usize),
+        ke: usize,
+        p: &mut [f32],
+    ) {
+        let (t, nh, nkv, d) = (dm.t, dm.nh, dm.nkv, dm.d);
+        let kh = h / (nh / nkv);
+        let rows = r1 - r0;
+        let qm = Mat {
+            data: &q[dm.q_at(bi, r0, h)..],
+            ld: nh * d,
+            trans: false,
+        };
+        let km = Mat {
+            data: &k[dm.kv_at(bi, kh)..],
+            ld: nkv * d,
+            trans: true,
+        };
+        sgemm(rows, ke, d, self.scale, qm, km, 0.0, p, ke, 1);
+        for i in 0..rows {
+            let row = &mut p[i * ke..(i + 1) * ke];
+            let m0 = (bi * t + r0 + i) * t;
+            let mut max = f32::NEG_INFINITY;
+            for (v, m) in row.iter_mut().zip(&self.mask[m0..m0 + ke]) {
+                *v += m;
+                max = max.max(*v);
+            }
+            let mut z = 0.0;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                z += *v;
+            }
+            let iz = 1.0 / z;
+            row.iter_mut().for_each(|v| *v *= iz);
+        }
+    }
+
+    fn forward(&self, dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let (nh, nkv, d) = (dm.nh, dm.nkv, dm.d);
+        let nb = dm.blocks();
+        let mut o = vec![0f32; dm.b * dm.t * nh * d];
+        let out = Shared(o.as_mut_ptr());
+        (0..dm.b * nh * nb).into_par_iter().for_each(|task| {
+            let (bi, h, blk) = (task / (nh * nb), (task / nb) % nh, task % nb);
+            let (r0, r1) = dm.rows(blk);
+            let ke = self.key_end[bi * nb + blk];
+            let mut p = vec![0f32; (r1 - r0) * ke];
+            self.probs(dm, q, k, bi, h, (r0, r1), ke, &mut p);
+            let kh = h / (nh / nkv);
+            let vv = &v[dm.kv_at(bi, kh)..];
+            // SAFETY: rows r0..r1 of head h are written by this task only; the operands are
+            // in bounds (`sgemm`'s checks hold for `p` and `vv`, and `o` has every row).
+            unsafe {
+                sgemm_raw(
+                    r1 - r0,
+                    d,
+                    ke,
+                    1.0,
+                    (p.as_ptr(), ke, false),
+                    (vv.as_ptr(), nkv * d, false),
+                    0.0,
+                    out.ptr().add(dm.q_at(bi, r0, h)),
+                    nh * d,
+                    1,
+                );
+            }
+        });
+        o
+    }
+
+    fn backward(
+        &self,
+        dm: &Dims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (nh, nkv, d) = (dm.nh, dm.nkv, dm.d);
         let rep = nh / nkv;
-        let q = heads_first(q)?.reshape((b, nkv, rep * t, d))?;
-        let k = heads_first(k)?;
-        let v = heads_first(v)?;
-        let s = (q.matmul(&k.t()?)? * self.scale)?
-            .reshape((b, nkv, rep, t, t))?
-            .broadcast_add(&self.mask.reshape((b, 1, 1, t, t))?)?
-            .reshape((b, nkv, rep * t, t))?;
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
-        Ok([q, k, v, p])
+        let nb = dm.blocks();
+        let mut dq = vec![0f32; q.len()];
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        let (sq, sk, sv) = (
+            Shared(dq.as_mut_ptr()),
+            Shared(dk.as_mut_ptr()),
+            Shared(dv.as_mut_ptr()),
+        );
+        // One task per (batch, kv head): it owns dK/dV of that head and the dQ rows of its
+        // query heads, so tasks never write the same element.
+        (0..dm.b * nkv).into_par_iter().for_each(|task| {
+            let (bi, kh) = (task / nkv, task % nkv);
+            let kv = dm.kv_at(bi, kh);
+            let mut p = vec![0f32; QUERY_BLOCK * dm.t];
+            let mut dp = vec![0f32; QUERY_BLOCK * dm.t];
+            for h in kh * rep..(kh + 1) * rep {
+                for blk in 0..nb {
+                    let (r0, r1) = dm.rows(blk);
+                    let rows = r1 - r0;
+                    let ke = self.key_end[bi * nb + blk];
+                    let (p, dp) = (&mut p[..rows * ke], &mut dp[..rows * ke]);
+                    self.probs(dm, q, k, bi, h, (r0, r1), ke, p);
+                    let qo = dm.q_at(bi, r0, h);
+                    // dP = dO V^T.
+                    let gm = Mat {
+                        data: &g[qo..],
+                        ld: nh * d,
+                        trans: false,
+                    };
+                    let vm = Mat {
+                        data: &v[kv..],
+                        ld: nkv * d,
+                        trans: true,
+                    };
+                    sgemm(rows, ke, d, 1.0, gm, vm, 0.0, dp, ke, 1);
+                    // SAFETY (all three calls): the written blocks belong to this task (see
+                    // above); the operands are in bounds of their buffers.
+                    unsafe {
+                        // dV[0..ke] += P^T dO.
+                        sgemm_raw(
+                            ke,
+                            d,
+                            rows,
+                            1.0,
+                            (p.as_ptr(), ke, true),
+                            (g[qo..].as_ptr(), nh * d, false),
+                            1.0,
+                            sv.ptr().add(kv),
+                            nkv * d,
+                            1,
+                        );
+                    }
+                    // dS = P * (dP - rowsum(dP * P)), in place in dp.
+                    for i in 0..rows {
+                        let (pr, dr) = (&p[i * ke..(i + 1) * ke], &mut dp[i * ke..(i + 1) * ke]);
+                        let delta: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (x, pv) in dr.iter_mut().zip(pr) {
+                            *x = pv * (*x - delta);
+                        }
+                    }
+                    unsafe {
+                        // dQ = scale dS K.
+                        sgemm_raw(
+                            rows,
+                            d,
+                            ke,
+                            self.scale,
+                            (dp.as_ptr(), ke, false),
+                            (k[kv..].as_ptr(), nkv * d, false),
+                            0.0,
+                            sq.ptr().add(qo),
+                            nh * d,
+                            1,
+                        );
+                        // dK[0..ke] += scale dS^T Q.
+                        sgemm_raw(
+                            ke,
+                            d,
+                            rows,
+                            self.scale,
+                            (dp.as_ptr(), ke, true),
+                            (q[qo..].as_ptr(), nh * d, false),
+                            1.0,
+                            sk.ptr().add(kv),
+                            nkv * d,
+                            1,
+                        );
+                    }
+                }
+            }
+        });
+        (dq, dk, dv)
     }
 }
 
@@ -354,17 +768,16 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let q = cpu_tensor(s1, l1)?;
-        let k = cpu_tensor(s2, l2)?;
-        let v = cpu_tensor(s3, l3)?;
-        let (b, t, nh, d) = q.dims4()?;
-        let [_, _, v, p] = self.probs(&q, &k, &v)?;
-        let o = p
-            .matmul(&v)?
-            .reshape((b, nh, t, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        cpu_storage(&o, DType::F32)
+        let (b, t, nh, d) = l1.shape().dims4()?;
+        let nkv = l2.shape().dims4()?.2;
+        let dm = Dims { b, t, nh, nkv, d };
+        let o = self.forward(
+            &dm,
+            f32_slice(s1, l1)?,
+            f32_slice(s2, l2)?,
+            f32_slice(s3, l3)?,
+        );
+        Ok(f32_storage(o, l1.shape().clone()))
     }
 
     fn bwd(
@@ -377,30 +790,60 @@ impl CustomOp3 for AttentionOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t, nh, d) = q.dims4()?;
         let nkv = k.dim(2)?;
-        let [q, k, v, p] = self.probs(&q.detach(), &k.detach(), &v.detach())?;
-        let g = heads_first(g)?.reshape((b, nkv, (nh / nkv) * t, d))?;
-        let dv = p.t()?.matmul(&g)?;
-        let dp = g.matmul(&v.t()?)?;
-        let delta = (&dp * &p)?.sum_keepdim(D::Minus1)?;
-        let ds = (dp.broadcast_sub(&delta)? * p)?;
-        let dq = (ds.matmul(&k)? * self.scale)?.reshape((b, nh, t, d))?;
-        let dk = (ds.t()?.matmul(&q)? * self.scale)?;
-        let back = |x: Tensor| x.transpose(1, 2)?.contiguous();
-        Ok((Some(back(dq)?), Some(back(dk)?), Some(back(dv)?)))
+        let dm = Dims { b, t, nh, nkv, d };
+        let (dq, dk, dv) = with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| with_f32(g, |g| self.backward(&dm, q, k, v, g)))
+            })
+        })????;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
     }
 }
 
 /// Fused attention for f32 CPU tensors in `(batch, seq, heads, head_dim)` layout (`k`/`v` may
-/// have fewer heads, grouped-query style); output `(batch, seq, heads, head_dim)`. `None` when
-/// not applicable.
+/// have fewer heads, grouped-query style) with a `(batch, 1, seq, seq)` additive mask; output
+/// `(batch, seq, heads, head_dim)`. `None` when not applicable.
 pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
-    if !q.device().is_cpu() || q.dtype() != DType::F32 {
+    if !fused_f32(&[q, k, v]) {
         return Ok(None);
     }
-    let d = q.dim(D::Minus1)?;
+    let (b, t, nh, d) = q.dims4()?;
+    let (kb, kt, nkv, kd) = k.dims4()?;
+    if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if mask.dims() != [b, 1, t, t] {
+        bail!("attention: mask {:?} for q {:?}", mask.dims(), q.dims());
+    }
+    let mask: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let dm = Dims { b, t, nh, nkv, d };
+    let nb = dm.blocks();
+    let mut key_end = vec![1usize; b * nb];
+    for bi in 0..b {
+        for blk in 0..nb {
+            let (r0, r1) = dm.rows(blk);
+            for r in r0..r1 {
+                let row = &mask[(bi * t + r) * t..(bi * t + r + 1) * t];
+                if let Some(j) = row.iter().rposition(|m| m.is_finite()) {
+                    key_end[bi * nb + blk] = key_end[bi * nb + blk].max(j + 1);
+                }
+            }
+        }
+    }
     let op = AttentionOp {
-        mask: mask.to_dtype(DType::F32)?.detach(),
-        scale: 1.0 / (d as f64).sqrt(),
+        mask: Arc::new(mask),
+        key_end: Arc::new(key_end),
+        scale: 1.0 / (d as f32).sqrt(),
     };
     Ok(Some(q.contiguous()?.apply_op3(
         &k.contiguous()?,
@@ -432,12 +875,17 @@ impl CustomOp2 for SwiGlu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let mut a = cpu_f32(s1, l1)?;
-        let b = cpu_f32(s2, l2)?;
-        for (x, u) in a.iter_mut().zip(&b) {
-            *x = *x * sigmoid(*x) * u;
-        }
-        Ok(f32_storage(a, l1.shape()))
+        let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .zip(b.par_chunks(CHUNK))
+            .for_each(|((y, a), b)| {
+                for ((y, x), u) in y.iter_mut().zip(a).zip(b) {
+                    *y = x * sigmoid(*x) * u;
+                }
+            });
+        Ok(f32_storage(y, l1.shape().clone()))
     }
 
     fn bwd(
@@ -447,17 +895,26 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let a = vec_f32(gate)?;
-        let b = vec_f32(up)?;
-        let gv = vec_f32(g)?;
-        let mut da = vec![0f32; a.len()];
-        let mut db = vec![0f32; a.len()];
-        for i in 0..a.len() {
-            let s = sigmoid(a[i]);
-            let silu = a[i] * s;
-            db[i] = gv[i] * silu;
-            da[i] = gv[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
-        }
+        let n = gate.elem_count();
+        let (mut da, mut db) = (vec![0f32; n], vec![0f32; n]);
+        with_f32(gate, |a| {
+            with_f32(up, |b| {
+                with_f32(g, |gv| {
+                    da.par_chunks_mut(CHUNK)
+                        .zip(db.par_chunks_mut(CHUNK))
+                        .zip(a.par_chunks(CHUNK))
+                        .zip(b.par_chunks(CHUNK))
+                        .zip(gv.par_chunks(CHUNK))
+                        .for_each(|((((da, db), a), b), gv)| {
+                            for i in 0..a.len() {
+                                let s = sigmoid(a[i]);
+                                db[i] = gv[i] * a[i] * s;
+                                da[i] = gv[i] * b[i] * s * (1.0 + a[i] * (1.0 - s));
+                            }
+                        })
+                })
+            })
+        })???;
         let dev = gate.device();
         Ok((
             Some(Tensor::from_vec(da, gate.shape(), dev)?),
@@ -468,11 +925,7 @@ impl CustomOp2 for SwiGlu {
 
 /// Fused `silu(gate) * up` for f32 CPU tensors of the same shape; `None` when not applicable.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    if !gate.device().is_cpu()
-        || gate.dtype() != DType::F32
-        || up.dtype() != DType::F32
-        || gate.dims() != up.dims()
-    {
+    if !fused_f32(&[gate, up]) || gate.dims() != up.dims() {
         return Ok(None);
     }
     Ok(Some(
@@ -483,7 +936,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
@@ -535,6 +988,18 @@ mod tests {
             &vars[..1],
             |t| frozen_linear(&t[0], &w),
             |t| t[0].matmul(&w.t()?),
+        )?;
+        // Any number of leading dimensions.
+        let vars = [randn(&[2, 7, 5])?, randn(&[3, 5])?, randn(&[6, 3])?];
+        check(
+            &vars,
+            |t| lora_linear(&t[0], &w, &t[1], &t[2], 0.5),
+            |t| {
+                let d = t[0]
+                    .broadcast_matmul(&t[1].t()?)?
+                    .broadcast_matmul(&t[2].t()?)?;
+                t[0].broadcast_matmul(&w.t()?)? + (d * 0.5)?
+            },
         )
     }
 
@@ -573,6 +1038,34 @@ mod tests {
             &Device::Cpu,
         )
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mask = packing.mask;
+        check(
+            &[
+                randn(&[b, t, nh, d])?,
+                randn(&[b, t, nkv, d])?,
+                randn(&[b, t, nkv, d])?,
+            ],
+            |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &mask)?.expect("f32")),
+            |x| {
+                let h = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+                let err = |e: crate::model::ModelError| candle_core::Error::Msg(e.to_string());
+                let k = crate::model::repeat_kv(h(&x[1])?, nh / nkv).map_err(err)?;
+                let v = crate::model::repeat_kv(h(&x[2])?, nh / nkv).map_err(err)?;
+                crate::model::attention(&h(&x[0])?, &k, &v, &mask)
+                    .map_err(err)?
+                    .transpose(1, 2)
+            },
+        )
+    }
+
+    /// Sequences longer than a query block, packed segments and grouped heads: the blocks
+    /// skipped because the mask hides them change nothing.
+    #[test]
+    fn blocked_attention_matches_autograd() -> Result<()> {
+        let (b, t, nh, nkv, d) = (2, 150, 4, 2, 8);
+        let seg = |cut: usize| (0..t).map(|i| u32::from(i >= cut)).collect::<Vec<u32>>();
+        let packing = crate::model::Packing::from_segments(&[seg(70), seg(t)], None, &Device::Cpu)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mask = packing.mask;
         check(
             &[

@@ -90,6 +90,9 @@ pub fn chunked_cross_entropy(
     grad_scale: Option<f64>,
 ) -> Result<(f64, Option<Tensor>), TrainError> {
     let (b, t, h) = hidden.dims3()?;
+    if hidden.device().is_cpu() && hidden.dtype() == DType::F32 && lm_head.dtype() == DType::F32 {
+        return fused_cross_entropy(lm_head, hidden, rows, targets, chunk, grad_scale);
+    }
     let flat = hidden.detach().reshape((b * t, h))?;
     let n = rows.dim(0)?;
     let mut grad = match grad_scale {
@@ -125,6 +128,119 @@ pub fn chunked_cross_entropy(
     }
     let grad = match grad {
         Some(g) => Some(g.reshape((b, t, h))?),
+        None => None,
+    };
+    Ok((sum, grad))
+}
+
+/// [`chunked_cross_entropy`] for f32 CPU tensors on raw buffers: per chunk, one GEMM for the
+/// logits, one parallel pass per row that computes the max, the normaliser, the loss and the
+/// gradient of the logits in place, and one GEMM back to the hidden size.
+fn fused_cross_entropy(
+    lm_head: &Tensor,
+    hidden: &Tensor,
+    rows: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+    grad_scale: Option<f64>,
+) -> Result<(f64, Option<Tensor>), TrainError> {
+    use crate::model::gemm::{pool_threads, sgemm, Mat};
+    use rayon::prelude::*;
+
+    let (b, t, h) = hidden.dims3()?;
+    let vocab = lm_head.dim(0)?;
+    let flat = hidden.detach().flatten_all()?.to_vec1::<f32>()?;
+    let rows = rows.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    let targets = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+    if rows.len() != targets.len() {
+        return Err(TrainError::Data(format!(
+            "{} target rows but {} targets",
+            rows.len(),
+            targets.len()
+        )));
+    }
+    if let Some(bad) = rows.iter().find(|&&r| r as usize >= b * t) {
+        return Err(TrainError::Data(format!("target row {bad} out of range")));
+    }
+    if let Some(bad) = targets.iter().find(|&&x| x as usize >= vocab) {
+        return Err(TrainError::Data(format!(
+            "target token {bad} outside the vocabulary"
+        )));
+    }
+    let chunk = chunk.max(1).min(rows.len().max(1));
+    let threads = pool_threads();
+    let scale = grad_scale.map(|s| s as f32);
+    let mut grad = scale.map(|_| vec![0f32; b * t * h]);
+    let mut picked = vec![0f32; chunk * h];
+    let mut logits = vec![0f32; chunk * vocab];
+    let mut dh = vec![0f32; chunk * h];
+    let mut sum = 0.0f64;
+    // The output projection is used in place: a copy would be vocab x hidden floats per call.
+    crate::model::ops::with_f32(&lm_head.detach(), |w| {
+        for (rows, targets) in rows.chunks(chunk).zip(targets.chunks(chunk)) {
+            let len = rows.len();
+            for (dst, &r) in picked.chunks_mut(h).zip(rows) {
+                let r = r as usize;
+                dst.copy_from_slice(&flat[r * h..(r + 1) * h]);
+            }
+            let logits = &mut logits[..len * vocab];
+            sgemm(
+                len,
+                vocab,
+                h,
+                1.0,
+                Mat::new(&picked[..len * h], h),
+                Mat::new(w, h).t(),
+                0.0,
+                logits,
+                vocab,
+                threads,
+            );
+            sum += logits
+                .par_chunks_mut(vocab)
+                .zip(targets.par_iter())
+                .map(|(row, &target)| {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    let picked = row[target as usize];
+                    let mut z = 0f32;
+                    for v in row.iter_mut() {
+                        *v = (*v - max).exp();
+                        z += *v;
+                    }
+                    if let Some(s) = scale {
+                        // d/dlogits of scale * CE = scale * (softmax - onehot).
+                        let f = s / z;
+                        row.iter_mut().for_each(|v| *v *= f);
+                        row[target as usize] -= s;
+                    }
+                    f64::from(z.ln() + max - picked)
+                })
+                .sum::<f64>();
+            if let Some(grad) = grad.as_mut() {
+                let dh = &mut dh[..len * h];
+                sgemm(
+                    len,
+                    h,
+                    vocab,
+                    1.0,
+                    Mat::new(logits, vocab),
+                    Mat::new(w, h),
+                    0.0,
+                    dh,
+                    h,
+                    threads,
+                );
+                for (src, &r) in dh.chunks(h).zip(rows) {
+                    let r = r as usize;
+                    for (g, v) in grad[r * h..(r + 1) * h].iter_mut().zip(src) {
+                        *g += v;
+                    }
+                }
+            }
+        }
+    })?;
+    let grad = match grad {
+        Some(g) => Some(Tensor::from_vec(g, (b, t, h), hidden.device())?),
         None => None,
     };
     Ok((sum, grad))
