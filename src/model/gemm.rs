@@ -92,6 +92,70 @@ pub fn sgemm(
     }
 }
 
+/// `op(a) op(b) * alpha` as a new `m x n` buffer, written by the GEMM without zeroing it first
+/// (a fresh output buffer per call would otherwise be cleared once by `calloc` and again by
+/// the product).
+///
+/// # Panics
+/// When a slice is too short for its shape and stride (a bug in the caller, never input).
+pub fn sgemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    threads: usize,
+) -> Vec<f32> {
+    let (ar, ac) = if a.trans { (k, m) } else { (m, k) };
+    let (br, bc) = if b.trans { (n, k) } else { (k, n) };
+    assert!(
+        a.ld >= ac.max(1) && b.ld >= bc.max(1),
+        "sgemm: leading dimension too small"
+    );
+    assert!(a.data.len() >= needed(ar, ac, a.ld), "sgemm: A too short");
+    assert!(b.data.len() >= needed(br, bc, b.ld), "sgemm: B too short");
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: with beta 0 every element of the m x n output is written and none is read; the
+    // operand bounds were checked above; `set_len` follows the complete write.
+    unsafe {
+        sgemm_raw(
+            m,
+            n,
+            k,
+            alpha,
+            (a.data.as_ptr(), a.ld, a.trans),
+            (b.data.as_ptr(), b.ld, b.trans),
+            0.0,
+            c.as_mut_ptr(),
+            n.max(1),
+            threads,
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// A buffer of `n` values each written exactly once by `fill`, which gets disjoint chunks of
+/// `chunk` values (the last may be shorter) with their index, on the rayon pool; no zeroing
+/// pass first.
+pub fn par_filled(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(n) };
+    v.par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `fill` wrote every element (its contract); MaybeUninit<f32> has f32's layout.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
 /// [`sgemm`] on raw pointers, for parallel tasks that each write a disjoint block of one
 /// output buffer (attention heads) without holding overlapping `&mut` slices.
 ///

@@ -18,7 +18,7 @@
 //! Frozen weights, masks and rotary tables are captured in the op rather than passed as
 //! arguments, so autograd never sees them.
 
-use super::gemm::{pool_threads, sgemm, sgemm_raw, Mat};
+use super::gemm::{par_filled, pool_threads, sgemm, sgemm_new, sgemm_raw, Mat};
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor, D,
@@ -76,6 +76,90 @@ fn with_last(shape: &Shape, last: usize) -> Shape {
 /// Element-wise loops run on the rayon pool in chunks of this many values.
 const CHUNK: usize = 1 << 14;
 
+/// `e^x` in straight-line f32 arithmetic that the compiler vectorizes (libm's `expf` is a
+/// call per element, a tenth of a training step in attention, SwiGLU and the loss).
+/// Cephes' range reduction and polynomial: within 2 ulp of `expf` for `x` in
+/// `[ln(f32::MIN_POSITIVE), 88]`; exactly 0 below (so masked `-inf` scores give 0 and no
+/// subnormal ever reaches a GEMM) and `+inf` above 88 (`e^88` is within a factor 1.3 of
+/// `f32::MAX`; no caller gets near it).
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LO: f32 = -87.336_55;
+    const HI: f32 = 88.0;
+    let c = x.clamp(LO, HI);
+    let n = (c * LOG2E + 0.5).floor();
+    let r = c - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    // 2^n through the exponent bits: n is in [-126, 127] after the clamp. Wrapping integer
+    // operations keep the function free of overflow-check branches, so it vectorizes.
+    let two_n = f32::from_bits(((n as i32).wrapping_add(127) as u32).wrapping_shl(23));
+    let y = e * two_n;
+    let y = if x < LO { 0.0 } else { y };
+    if x > HI {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// Lanes of the manual reductions below (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+/// Maximum of `xs` (NaN-free input), in a form the compiler vectorizes.
+fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = if *v > *a { *v } else { *a };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `row = softmax(row + mask)` in place.
+fn softmax_masked(row: &mut [f32], mask: &[f32]) {
+    for (v, m) in row.iter_mut().zip(mask) {
+        *v += m;
+    }
+    softmax_in_place(row);
+}
+
+/// `row = softmax(row)` in place; returns `(max, sum of exp(row - max))`.
+pub(crate) fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
+    let max = max_of(row);
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            *v = fast_exp(*v - max);
+            *a += *v;
+        }
+    }
+    let mut z: f32 = 0.0;
+    for v in chunks.into_remainder() {
+        *v = fast_exp(*v - max);
+        z += *v;
+    }
+    let z = z + acc.iter().sum::<f32>();
+    let iz = 1.0 / z;
+    row.iter_mut().for_each(|v| *v *= iz);
+    (max, z)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear layers with a frozen weight.
 // ---------------------------------------------------------------------------------------------
@@ -95,20 +179,9 @@ impl CustomOp1 for FrozenLinear {
         let x = f32_slice(s, l)?;
         let (rows, din) = as_rows(l.shape())?;
         let dout = self.w.dim(0)?;
-        let mut y = vec![0f32; rows * dout];
-        with_f32(&self.w, |w| {
-            sgemm(
-                rows,
-                dout,
-                din,
-                1.0,
-                Mat::new(x, din),
-                Mat::new(w, din).t(),
-                0.0,
-                &mut y,
-                dout,
-                pool_threads(),
-            )
+        let y = with_f32(&self.w, |w| {
+            let (x, w) = (Mat::new(x, din), Mat::new(w, din).t());
+            sgemm_new(rows, dout, din, 1.0, x, w, pool_threads())
         })?;
         Ok(f32_storage(y, with_last(l.shape(), dout)))
     }
@@ -116,21 +189,10 @@ impl CustomOp1 for FrozenLinear {
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let (rows, din) = as_rows(x.shape())?;
         let dout = self.w.dim(0)?;
-        let mut dx = vec![0f32; rows * din];
-        with_f32(g, |g| {
+        let dx = with_f32(g, |g| {
             with_f32(&self.w, |w| {
-                sgemm(
-                    rows,
-                    din,
-                    dout,
-                    1.0,
-                    Mat::new(g, dout),
-                    Mat::new(w, din),
-                    0.0,
-                    &mut dx,
-                    din,
-                    pool_threads(),
-                )
+                let (g, w) = (Mat::new(g, dout), Mat::new(w, din));
+                sgemm_new(rows, din, dout, 1.0, g, w, pool_threads())
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
@@ -163,47 +225,14 @@ impl CustomOp3 for LoraMatmul {
         let (r, _) = l2.shape().dims2()?;
         let (dout, _) = l3.shape().dims2()?;
         let threads = pool_threads();
-        let mut y = vec![0f32; rows * dout];
-        with_f32(&self.w, |w| {
+        let y = with_f32(&self.w, |w| {
             let x = Mat::new(x, din);
-            sgemm(
-                rows,
-                dout,
-                din,
-                1.0,
-                x,
-                Mat::new(w, din).t(),
-                0.0,
-                &mut y,
-                dout,
-                threads,
-            );
-            let mut u = vec![0f32; rows * r];
-            sgemm(
-                rows,
-                r,
-                din,
-                1.0,
-                x,
-                Mat::new(a, din).t(),
-                0.0,
-                &mut u,
-                r,
-                threads,
-            );
-            let u = Mat::new(&u, r);
-            sgemm(
-                rows,
-                dout,
-                r,
-                self.scale,
-                u,
-                Mat::new(b, r).t(),
-                1.0,
-                &mut y,
-                dout,
-                threads,
-            );
+            // y = x W^T; u = x A^T; y += scale * u B^T.
+            let mut y = sgemm_new(rows, dout, din, 1.0, x, Mat::new(w, din).t(), threads);
+            let u = sgemm_new(rows, r, din, 1.0, x, Mat::new(a, din).t(), threads);
+            let (u, b) = (Mat::new(&u, r), Mat::new(b, r).t());
+            sgemm(rows, dout, r, self.scale, u, b, 1.0, &mut y, dout, threads);
+            y
         })?;
         Ok(f32_storage(y, with_last(l1.shape(), dout)))
     }
@@ -220,66 +249,30 @@ impl CustomOp3 for LoraMatmul {
         let (r, _) = a.dims2()?;
         let (dout, _) = b.dims2()?;
         let (s, threads) = (self.scale, pool_threads());
-        let mut gu = vec![0f32; rows * r];
-        let mut dx = vec![0f32; rows * din];
-        let mut u = vec![0f32; rows * r];
-        let mut da = vec![0f32; r * din];
-        let mut db = vec![0f32; dout * r];
-        with_f32(g, |gv| -> Result<()> {
+        let (dx, da, db) = with_f32(g, |gv| -> Result<_> {
             let g = Mat::new(gv, dout);
             // gu = scale * g B; dx = g W + gu A.
-            with_f32(b, |b| {
-                sgemm(
-                    rows,
-                    r,
-                    dout,
-                    s,
-                    g,
-                    Mat::new(b, r),
-                    0.0,
-                    &mut gu,
-                    r,
-                    threads,
-                )
+            let gu = with_f32(b, |b| {
+                sgemm_new(rows, r, dout, s, g, Mat::new(b, r), threads)
             })?;
-            with_f32(&self.w, |w| {
-                sgemm(
-                    rows,
-                    din,
-                    dout,
-                    1.0,
-                    g,
-                    Mat::new(w, din),
-                    0.0,
-                    &mut dx,
-                    din,
-                    threads,
-                )
+            let mut dx = with_f32(&self.w, |w| {
+                sgemm_new(rows, din, dout, 1.0, g, Mat::new(w, din), threads)
             })?;
-            with_f32(a, |a| {
+            let (u, da) = with_f32(a, |a| {
                 let a = Mat::new(a, din);
                 let gu = Mat::new(&gu, r);
                 sgemm(rows, din, r, 1.0, gu, a, 1.0, &mut dx, din, threads);
                 with_f32(x, |x| {
                     let x = Mat::new(x, din);
-                    // u = x A^T (recomputed); dA = gu^T x; dB = scale * g^T u.
-                    sgemm(rows, r, din, 1.0, x, a.t(), 0.0, &mut u, r, threads);
-                    sgemm(r, din, rows, 1.0, gu.t(), x, 0.0, &mut da, din, threads);
+                    // u = x A^T (recomputed); dA = gu^T x.
+                    let u = sgemm_new(rows, r, din, 1.0, x, a.t(), threads);
+                    let da = sgemm_new(r, din, rows, 1.0, gu.t(), x, threads);
+                    (u, da)
                 })
             })??;
-            sgemm(
-                dout,
-                r,
-                rows,
-                s,
-                g.t(),
-                Mat::new(&u, r),
-                0.0,
-                &mut db,
-                r,
-                threads,
-            );
-            Ok(())
+            // dB = scale * g^T u.
+            let db = sgemm_new(dout, r, rows, s, g.t(), Mat::new(&u, r), threads);
+            Ok((dx, da, db))
         })??;
         let dev = x.device();
         Ok((
@@ -363,45 +356,40 @@ impl CustomOp1 for RmsNormOp {
         let x = f32_slice(s, l)?;
         let n = self.w.len();
         let step = n * self.rows_per_chunk();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(step)
-            .zip(x.par_chunks(step))
-            .for_each(|(yc, xc)| {
-                for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                    let r = self.inv_rms(xr);
-                    for ((o, v), w) in yr.iter_mut().zip(xr).zip(self.w.iter()) {
-                        *o = v * r * w;
-                    }
+        let y = par_filled(x.len(), step, |i, yc| {
+            let xc = &x[i * step..i * step + yc.len()];
+            for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                let r = self.inv_rms(xr);
+                for ((o, v), w) in yr.iter_mut().zip(xr).zip(self.w.iter()) {
+                    o.write(v * r * w);
                 }
-            });
+            }
+        });
         Ok(f32_storage(y, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let n = self.w.len();
         let step = n * self.rows_per_chunk();
-        let mut dx = vec![0f32; x.elem_count()];
-        with_f32(x, |xv| {
+        let dx = with_f32(x, |xv| {
             with_f32(g, |gv| {
-                dx.par_chunks_mut(step)
-                    .zip(xv.par_chunks(step))
-                    .zip(gv.par_chunks(step))
-                    .for_each(|((dc, xc), gc)| {
-                        for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
-                            let r = self.inv_rms(xr);
-                            let dot: f32 = xr
-                                .iter()
-                                .zip(gr)
-                                .zip(self.w.iter())
-                                .map(|((x, g), w)| x * g * w)
-                                .sum();
-                            let c = r * r * r * dot / n as f32;
-                            for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(self.w.iter())
-                            {
-                                *d = r * g * w - c * x;
-                            }
+                par_filled(xv.len(), step, |i, dc| {
+                    let span = i * step..i * step + dc.len();
+                    let (xc, gc) = (&xv[span.clone()], &gv[span]);
+                    for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
+                        let r = self.inv_rms(xr);
+                        let dot: f32 = xr
+                            .iter()
+                            .zip(gr)
+                            .zip(self.w.iter())
+                            .map(|((x, g), w)| x * g * w)
+                            .sum();
+                        let c = r * r * r * dot / n as f32;
+                        for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(self.w.iter()) {
+                            d.write(r * g * w - c * x);
                         }
-                    })
+                    }
+                })
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
@@ -598,27 +586,18 @@ impl AttentionOp {
         };
         sgemm(rows, ke, d, self.scale, qm, km, 0.0, p, ke, 1);
         for i in 0..rows {
-            let row = &mut p[i * ke..(i + 1) * ke];
             let m0 = (bi * t + r0 + i) * t;
-            let mut max = f32::NEG_INFINITY;
-            for (v, m) in row.iter_mut().zip(&self.mask[m0..m0 + ke]) {
-                *v += m;
-                max = max.max(*v);
-            }
-            let mut z = 0.0;
-            for v in row.iter_mut() {
-                *v = (*v - max).exp();
-                z += *v;
-            }
-            let iz = 1.0 / z;
-            row.iter_mut().for_each(|v| *v *= iz);
+            softmax_masked(&mut p[i * ke..(i + 1) * ke], &self.mask[m0..m0 + ke]);
         }
     }
 
     fn forward(&self, dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (nh, nkv, d) = (dm.nh, dm.nkv, dm.d);
         let nb = dm.blocks();
-        let mut o = vec![0f32; dm.b * dm.t * nh * d];
+        // Every (batch, head, query row) is written once, by the task of its block, with
+        // beta 0: the buffer needs no zeroing.
+        let len = dm.b * dm.t * nh * d;
+        let mut o: Vec<f32> = Vec::with_capacity(len);
         let out = Shared(o.as_mut_ptr());
         (0..dm.b * nh * nb).into_par_iter().for_each(|task| {
             let (bi, h, blk) = (task / (nh * nb), (task / nb) % nh, task % nb);
@@ -645,6 +624,8 @@ impl AttentionOp {
                 );
             }
         });
+        // SAFETY: the loop above wrote all `len` elements (see the comment at the top).
+        unsafe { o.set_len(len) };
         o
     }
 
@@ -659,7 +640,8 @@ impl AttentionOp {
         let (nh, nkv, d) = (dm.nh, dm.nkv, dm.d);
         let rep = nh / nkv;
         let nb = dm.blocks();
-        let mut dq = vec![0f32; q.len()];
+        // dQ is written once per element (beta 0, one block per task); dK and dV accumulate.
+        let mut dq: Vec<f32> = Vec::with_capacity(q.len());
         let mut dk = vec![0f32; k.len()];
         let mut dv = vec![0f32; v.len()];
         let (sq, sk, sv) = (
@@ -750,6 +732,8 @@ impl AttentionOp {
                 }
             }
         });
+        // SAFETY: every dQ element was written by the loop above.
+        unsafe { dq.set_len(q.len()) };
         (dq, dk, dv)
     }
 }
@@ -859,8 +843,9 @@ pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Resu
 /// `silu(gate) * up`, f32.
 struct SwiGlu;
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + fast_exp(-x))
 }
 
 impl CustomOp2 for SwiGlu {
@@ -876,15 +861,15 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK))
-            .zip(b.par_chunks(CHUNK))
-            .for_each(|((y, a), b)| {
-                for ((y, x), u) in y.iter_mut().zip(a).zip(b) {
-                    *y = x * sigmoid(*x) * u;
-                }
-            });
+        if a.len() != b.len() {
+            bail!("swiglu: gate and up differ in size");
+        }
+        let y = par_filled(a.len(), CHUNK, |i, y| {
+            let span = i * CHUNK..i * CHUNK + y.len();
+            for ((y, x), u) in y.iter_mut().zip(&a[span.clone()]).zip(&b[span]) {
+                y.write(x * sigmoid(*x) * u);
+            }
+        });
         Ok(f32_storage(y, l1.shape().clone()))
     }
 
@@ -1056,6 +1041,34 @@ mod tests {
                     .transpose(1, 2)
             },
         )
+    }
+
+    #[test]
+    fn fast_exp_is_close_to_libm() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (fast_exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(fast_exp(-100.0), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(fast_exp(f32::INFINITY), f32::INFINITY);
+        let mut row = vec![1.0f32, 2.0, 3.0, f32::NEG_INFINITY, 0.5];
+        row.extend((0..40).map(|i| i as f32 * 0.1));
+        let want: Vec<f32> = {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f32 = row.iter().map(|v| (v - m).exp()).sum();
+            row.iter().map(|v| (v - m).exp() / z).collect()
+        };
+        softmax_in_place(&mut row);
+        for (a, b) in row.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(row[3], 0.0);
     }
 
     /// Sequences longer than a query block, packed segments and grouped heads: the blocks

@@ -200,17 +200,11 @@ fn fused_cross_entropy(
                 .par_chunks_mut(vocab)
                 .zip(targets.par_iter())
                 .map(|(row, &target)| {
-                    let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                     let picked = row[target as usize];
-                    let mut z = 0f32;
-                    for v in row.iter_mut() {
-                        *v = (*v - max).exp();
-                        z += *v;
-                    }
+                    let (max, z) = crate::model::ops::softmax_in_place(row);
                     if let Some(s) = scale {
                         // d/dlogits of scale * CE = scale * (softmax - onehot).
-                        let f = s / z;
-                        row.iter_mut().for_each(|v| *v *= f);
+                        row.iter_mut().for_each(|v| *v *= s);
                         row[target as usize] -= s;
                     }
                     f64::from(z.ln() + max - picked)

@@ -95,10 +95,25 @@ impl TrainError {
 
 /// Runs LoRA SFT as configured by `cfg` with `overrides` applied; see [`recipe::Recipe`].
 pub fn train(cfg: &TrainConfig, overrides: &TrainOverrides) -> Result<TrainReport, TrainError> {
+    keep_freed_memory();
     let cfg = overrides.apply(cfg);
     let mut recipe = Recipe::new(cfg, overrides)?;
     recipe.setup()?;
     recipe.train()
+}
+
+/// Lets glibc's allocator reuse the activation buffers of one step in the next instead of
+/// returning them to the kernel: by default every buffer above its mmap threshold is a fresh
+/// mapping whose pages fault in and are zeroed again on every use, a tenth of a training step.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before the training threads
+    // allocate their buffers.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
 }
 
 /// What [`merge`] wrote.
