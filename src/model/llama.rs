@@ -4,7 +4,7 @@
 //! walk down the `VarBuilder` prefixes and every adapted module gets its PEFT name for free.
 
 use super::lora::{LoraLinear, LoraVarBuilder};
-use super::ops::{attention_bthd, rope_bthd};
+use super::ops::{attention_heads, rope_heads};
 use super::{
     apply_rope, attention, repeat_kv, Config, ForwardOptions, Mlp, ModelError, ModelOutput,
     Packing, Result, RmsNorm, RotaryEmbedding,
@@ -53,18 +53,19 @@ impl Attention {
         let q = self.q_proj.forward(xs, train)?;
         let k = self.k_proj.forward(xs, train)?;
         let v = self.v_proj.forward(xs, train)?;
-        let split = |x: Tensor, n: usize| x.reshape((b, t, n, self.head_dim));
-        let (q, k, v) = (
-            split(q, self.num_heads)?,
-            split(k, self.num_kv_heads)?,
-            split(v, self.num_kv_heads)?,
-        );
-        let fused = match (rope_bthd(&q, cos, sin)?, rope_bthd(&k, cos, sin)?) {
-            (Some(q), Some(k)) => attention_bthd(&q, &k, &v, mask)?,
+        let (nh, nkv) = (self.num_heads, self.num_kv_heads);
+        // The fused ops read the heads out of `(batch, seq, heads * head_dim)` as it is.
+        let fused = match (
+            rope_heads(&q, nh, cos, sin)?,
+            rope_heads(&k, nkv, cos, sin)?,
+        ) {
+            (Some(q), Some(k)) => attention_heads(&q, &k, &v, nh, nkv, mask)?,
             _ => None,
         };
+        let split = |x: Tensor, n: usize| x.reshape((b, t, n, self.head_dim));
+        let (q, k, v) = (split(q, nh)?, split(k, nkv)?, split(v, nkv)?);
         let y = match fused {
-            Some(y) => y.reshape((b, t, self.num_heads * self.head_dim))?,
+            Some(y) => y,
             None => {
                 let heads = |x: Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.contiguous()?) };
                 let q = apply_rope(&heads(q)?, cos, sin)?;

@@ -226,13 +226,25 @@ impl CustomOp3 for LoraMatmul {
         let (dout, _) = l3.shape().dims2()?;
         let threads = pool_threads();
         let y = with_f32(&self.w, |w| {
+            // y = x (W + scale B A)^T: one GEMM over the rows with the adapter folded into a
+            // copy of the weight (out x in, tiny next to rows x out), instead of two skinny
+            // products and a second pass over y.
+            let mut merged = w.to_vec();
+            let (bm, am) = (Mat::new(b, r), Mat::new(a, din));
+            sgemm(
+                dout,
+                din,
+                r,
+                self.scale,
+                bm,
+                am,
+                1.0,
+                &mut merged,
+                din,
+                threads,
+            );
             let x = Mat::new(x, din);
-            // y = x W^T; u = x A^T; y += scale * u B^T.
-            let mut y = sgemm_new(rows, dout, din, 1.0, x, Mat::new(w, din).t(), threads);
-            let u = sgemm_new(rows, r, din, 1.0, x, Mat::new(a, din).t(), threads);
-            let (u, b) = (Mat::new(&u, r), Mat::new(b, r).t());
-            sgemm(rows, dout, r, self.scale, u, b, 1.0, &mut y, dout, threads);
-            y
+            sgemm_new(rows, dout, din, 1.0, x, Mat::new(&merged, din).t(), threads)
         })?;
         Ok(f32_storage(y, with_last(l1.shape(), dout)))
     }
@@ -251,17 +263,24 @@ impl CustomOp3 for LoraMatmul {
         let (s, threads) = (self.scale, pool_threads());
         let (dx, da, db) = with_f32(g, |gv| -> Result<_> {
             let g = Mat::new(gv, dout);
-            // gu = scale * g B; dx = g W + gu A.
+            // gu = scale * g B.
             let gu = with_f32(b, |b| {
                 sgemm_new(rows, r, dout, s, g, Mat::new(b, r), threads)
             })?;
-            let mut dx = with_f32(&self.w, |w| {
-                sgemm_new(rows, din, dout, 1.0, g, Mat::new(w, din), threads)
-            })?;
+            // dx = g (W + scale B A), the adapter folded into the weight as in the forward.
+            let dx = with_f32(&self.w, |w| {
+                with_f32(a, |a| {
+                    with_f32(b, |b| {
+                        let mut merged = w.to_vec();
+                        let (bm, am) = (Mat::new(b, r), Mat::new(a, din));
+                        sgemm(dout, din, r, s, bm, am, 1.0, &mut merged, din, threads);
+                        sgemm_new(rows, din, dout, 1.0, g, Mat::new(&merged, din), threads)
+                    })
+                })
+            })???;
             let (u, da) = with_f32(a, |a| {
                 let a = Mat::new(a, din);
                 let gu = Mat::new(&gu, r);
-                sgemm(rows, din, r, 1.0, gu, a, 1.0, &mut dx, din, threads);
                 with_f32(x, |x| {
                     let x = Mat::new(x, din);
                     // u = x A^T (recomputed); dA = gu^T x.
@@ -472,10 +491,26 @@ impl CustomOp1 for RopeOp {
 /// Fused RoPE on `(batch, seq, heads, head_dim)` f32 CPU tensors with `(batch, 1, seq,
 /// head_dim / 2)` tables; `None` when not applicable.
 pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    rope_heads(x, x.dims4()?.2, cos, sin)
+}
+
+/// [`rope_bthd`] on `x` laid out as `(batch, seq, heads * head_dim)` (or any shape with that
+/// memory layout); the output has the shape of `x`. Taking the projection's output as it is
+/// keeps reshape nodes, and their gradient copies, out of the graph.
+pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
     if !fused_f32(&[x]) {
         return Ok(None);
     }
-    let (_, _, heads, d) = x.dims4()?;
+    let dims = x.dims();
+    let per_pos = if dims.len() >= 3 && heads > 0 {
+        x.elem_count() / (dims[0] * dims[1]).max(1)
+    } else {
+        0
+    };
+    if per_pos == 0 || !per_pos.is_multiple_of(2 * heads) {
+        bail!("rope: {heads} heads do not divide the input shape {dims:?}");
+    }
+    let d = per_pos / heads;
     let table = |t: &Tensor| -> Result<Arc<Vec<f32>>> {
         Ok(Arc::new(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
     };
@@ -507,6 +542,8 @@ struct AttentionOp {
     /// Per (batch, query block): keys past this column are masked for every row of the block.
     key_end: Arc<Vec<usize>>,
     scale: f32,
+    /// Sizes, fixed when the op is built (the inputs may be 3-D or 4-D views of them).
+    dims: Dims,
 }
 
 /// Sizes of one attention call.
@@ -752,9 +789,7 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, nh, d) = l1.shape().dims4()?;
-        let nkv = l2.shape().dims4()?.2;
-        let dm = Dims { b, t, nh, nkv, d };
+        let dm = self.dims;
         let o = self.forward(
             &dm,
             f32_slice(s1, l1)?,
@@ -772,9 +807,7 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, t, nh, d) = q.dims4()?;
-        let nkv = k.dim(2)?;
-        let dm = Dims { b, t, nh, nkv, d };
+        let dm = self.dims;
         let (dq, dk, dv) = with_f32(q, |q| {
             with_f32(k, |k| {
                 with_f32(v, |v| with_f32(g, |g| self.backward(&dm, q, k, v, g)))
@@ -793,12 +826,42 @@ impl CustomOp3 for AttentionOp {
 /// have fewer heads, grouped-query style) with a `(batch, 1, seq, seq)` additive mask; output
 /// `(batch, seq, heads, head_dim)`. `None` when not applicable.
 pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
+    attention_heads(q, k, v, q.dims4()?.2, k.dims4()?.2, mask)
+}
+
+/// [`attention_bthd`] on `q` laid out as `(batch, seq, nh * head_dim)` and `k`/`v` as
+/// `(batch, seq, nkv * head_dim)` (or any shapes with those memory layouts); the output has
+/// the shape of `q`, ready for the output projection without a reshape node.
+pub fn attention_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    nh: usize,
+    nkv: usize,
+    mask: &Tensor,
+) -> Result<Option<Tensor>> {
     if !fused_f32(&[q, k, v]) {
         return Ok(None);
     }
-    let (b, t, nh, d) = q.dims4()?;
-    let (kb, kt, nkv, kd) = k.dims4()?;
-    if (kb, kt, kd) != (b, t, d) || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+    let qd = q.dims();
+    let (b, t) = match qd {
+        [b, t, ..] if qd.len() >= 3 => (*b, *t),
+        _ => bail!("attention: q {qd:?} is not (batch, seq, ...)"),
+    };
+    let bad = nh == 0 || nkv == 0 || !nh.is_multiple_of(nkv) || b * t == 0;
+    let d = if bad {
+        0
+    } else {
+        q.elem_count() / (b * t * nh)
+    };
+    if bad
+        || d == 0
+        || q.elem_count() != b * t * nh * d
+        || k.elem_count() != b * t * nkv * d
+        || v.elem_count() != k.elem_count()
+        || k.dims()[..2] != [b, t]
+        || v.dims()[..2] != [b, t]
+    {
         bail!(
             "attention: q {:?}, k {:?}, v {:?}",
             q.dims(),
@@ -828,6 +891,7 @@ pub fn attention_bthd(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Resu
         mask: Arc::new(mask),
         key_end: Arc::new(key_end),
         scale: 1.0 / (d as f32).sqrt(),
+        dims: dm,
     };
     Ok(Some(q.contiguous()?.apply_op3(
         &k.contiguous()?,
