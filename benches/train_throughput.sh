@@ -3,7 +3,7 @@
 #
 # Setup (both trainers): SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to f32),
 # batch 4 x 512 tokens, LoRA r=16 alpha=32 dropout=0 on q/k/v/o/gate/up/down_proj,
-# AdamW, 2 threads; 1 warm-up step + 3 timed steps.
+# AdamW, 2 threads; 1 warm-up step + BENCH_TIMED_STEPS (3) timed steps.
 # Reports tokens/s, peak RSS, distill/PyTorch ratio and the fraction of torch's
 # f32 matmul peak reached (FLOPs/token = 6 x 134.5e6).
 #
@@ -18,6 +18,7 @@ VENV="$CACHE/bench-venv-torch"
 PY="$VENV/bin/python"
 HERE="$ROOT/benches"
 THREADS="${BENCH_THREADS:-2}"
+TIMED="${BENCH_TIMED_STEPS:-3}"   # timed steps after one warm-up step, both trainers
 MODEL_DIR="${BENCH_MODEL_DIR:-$CACHE/models/smollm2-135m-instruct}"
 GGUF_FILE="${BENCH_GGUF_FILE:-SmolLM2-135M-Instruct.Q4_1.gguf}"
 GGUF="$MODEL_DIR/$GGUF_FILE"
@@ -25,7 +26,7 @@ if [[ -z "${DISTILL_BIN:-}" ]]; then
   if [[ -x "$ROOT/target/release/distill" ]]; then DISTILL_BIN="$ROOT/target/release/distill"
   else DISTILL_BIN="$ROOT/target/debug/distill"; fi
 fi
-export BENCH_MODEL_DIR="$MODEL_DIR" BENCH_GGUF_FILE="$GGUF_FILE" BENCH_THREADS="$THREADS"
+export BENCH_MODEL_DIR="$MODEL_DIR" BENCH_GGUF_FILE="$GGUF_FILE" BENCH_THREADS="$THREADS" BENCH_TIMED_STEPS="$TIMED"
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" RAYON_NUM_THREADS="$THREADS"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
@@ -68,7 +69,7 @@ run_distill() {  # tag batch_size grad_accum
   rm -rf "$RES/distill_$tag"
   /usr/bin/time -v -o "$RES/distill_$tag.time" \
     "$DISTILL_BIN" train --model "$GGUF" --data "$RES/traces.jsonl" --out "$RES/distill_$tag" \
-      --max-steps 4 --batch-size "$bs" --grad-accum "$ga" --lora-r 16 --lora-alpha 32 \
+      --max-steps "$((1 + TIMED))" --batch-size "$bs" --grad-accum "$ga" --lora-r 16 --lora-alpha 32 \
       --max-len 600 --quiet > "$RES/distill_$tag.log" 2>&1 \
     || { echo "distill ($tag) failed, see $RES/distill_$tag.log" >&2; tail -5 "$RES/distill_$tag.log" >&2; }
 }

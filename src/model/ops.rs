@@ -531,7 +531,7 @@ pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Resul
 // ---------------------------------------------------------------------------------------------
 
 /// Query rows per attention task.
-const QUERY_BLOCK: usize = 64;
+const QUERY_BLOCK: usize = 32;
 
 /// `softmax(q k^T * scale + mask) v` with grouped-query heads on `(batch, seq, heads,
 /// head_dim)` inputs (`k`/`v` with `heads / n_rep` heads); output in the same layout. The
@@ -594,72 +594,106 @@ impl Shared {
 }
 
 impl AttentionOp {
-    /// Probabilities of query head `h`, rows `r0..r1` of batch `bi`, over keys `0..ke`,
-    /// written to `p` (row stride `ke`).
+    /// Copies rows `r0..r1` of the `rep` query heads sharing kv head `kh` (batch `bi`) from a
+    /// query-layout buffer into `dst` as one `(rep * rows, d)` matrix, head-major, so the heads
+    /// of a group share each product with their keys and values.
+    fn gather(
+        &self,
+        dm: &Dims,
+        src: &[f32],
+        bi: usize,
+        kh: usize,
+        (r0, r1): (usize, usize),
+        dst: &mut [f32],
+    ) {
+        let (rep, d, rows) = (dm.nh / dm.nkv, dm.d, r1 - r0);
+        for j in 0..rep {
+            for i in 0..rows {
+                let from = dm.q_at(bi, r0 + i, kh * rep + j);
+                dst[(j * rows + i) * d..(j * rows + i + 1) * d]
+                    .copy_from_slice(&src[from..from + d]);
+            }
+        }
+    }
+
+    /// Writes a gathered `(rep * rows, d)` matrix back to its rows of a query-layout buffer.
+    ///
+    /// # Safety
+    /// `dst` must point to a query-layout buffer of `dm`'s size, whose rows `r0..r1` of the
+    /// heads of group `kh` no other thread accesses during the call.
+    unsafe fn scatter(
+        &self,
+        dm: &Dims,
+        src: &[f32],
+        bi: usize,
+        kh: usize,
+        (r0, r1): (usize, usize),
+        dst: Shared,
+    ) {
+        let (rep, d, rows) = (dm.nh / dm.nkv, dm.d, r1 - r0);
+        for j in 0..rep {
+            for i in 0..rows {
+                let to = dm.q_at(bi, r0 + i, kh * rep + j);
+                let row = &src[(j * rows + i) * d..(j * rows + i + 1) * d];
+                std::ptr::copy_nonoverlapping(row.as_ptr(), dst.ptr().add(to), d);
+            }
+        }
+    }
+
+    /// Probabilities of the gathered queries `qs` (`(rep * rows, d)`, see [`Self::gather`])
+    /// of batch `bi` and kv head `kh` over keys `0..ke`, written to `p` (row stride `ke`).
     #[allow(clippy::too_many_arguments)]
     fn probs(
         &self,
         dm: &Dims,
-        q: &[f32],
+        qs: &[f32],
         k: &[f32],
         bi: usize,
-        h: usize,
+        kh: usize,
         (r0, r1): (usize, usize),
         ke: usize,
         p: &mut [f32],
     ) {
-        let (t, nh, nkv, d) = (dm.t, dm.nh, dm.nkv, dm.d);
-        let kh = h / (nh / nkv);
-        let rows = r1 - r0;
-        let qm = Mat {
-            data: &q[dm.q_at(bi, r0, h)..],
-            ld: nh * d,
-            trans: false,
-        };
+        let (t, d, rows) = (dm.t, dm.d, r1 - r0);
+        let n = (dm.nh / dm.nkv) * rows;
         let km = Mat {
             data: &k[dm.kv_at(bi, kh)..],
-            ld: nkv * d,
+            ld: dm.nkv * d,
             trans: true,
         };
-        sgemm(rows, ke, d, self.scale, qm, km, 0.0, p, ke, 1);
-        for i in 0..rows {
-            let m0 = (bi * t + r0 + i) * t;
-            softmax_masked(&mut p[i * ke..(i + 1) * ke], &self.mask[m0..m0 + ke]);
+        sgemm(n, ke, d, self.scale, Mat::new(qs, d), km, 0.0, p, ke, 1);
+        for (idx, row) in p[..n * ke].chunks_mut(ke).enumerate() {
+            let m0 = (bi * t + r0 + idx % rows) * t;
+            softmax_masked(row, &self.mask[m0..m0 + ke]);
         }
     }
 
     fn forward(&self, dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
-        let (nh, nkv, d) = (dm.nh, dm.nkv, dm.d);
+        let (nkv, d) = (dm.nkv, dm.d);
+        let rep = dm.nh / nkv;
         let nb = dm.blocks();
-        // Every (batch, head, query row) is written once, by the task of its block, with
-        // beta 0: the buffer needs no zeroing.
-        let len = dm.b * dm.t * nh * d;
+        // Every (batch, head, query row) is written once, by the task of its block: the
+        // buffer needs no zeroing.
+        let len = dm.b * dm.t * dm.nh * d;
         let mut o: Vec<f32> = Vec::with_capacity(len);
         let out = Shared(o.as_mut_ptr());
-        (0..dm.b * nh * nb).into_par_iter().for_each(|task| {
-            let (bi, h, blk) = (task / (nh * nb), (task / nb) % nh, task % nb);
-            let (r0, r1) = dm.rows(blk);
+        (0..dm.b * nkv * nb).into_par_iter().for_each(|task| {
+            let (bi, kh, blk) = (task / (nkv * nb), (task / nb) % nkv, task % nb);
+            let rows = dm.rows(blk);
+            let n = rep * (rows.1 - rows.0);
             let ke = self.key_end[bi * nb + blk];
-            let mut p = vec![0f32; (r1 - r0) * ke];
-            self.probs(dm, q, k, bi, h, (r0, r1), ke, &mut p);
-            let kh = h / (nh / nkv);
-            let vv = &v[dm.kv_at(bi, kh)..];
-            // SAFETY: rows r0..r1 of head h are written by this task only; the operands are
-            // in bounds (`sgemm`'s checks hold for `p` and `vv`, and `o` has every row).
-            unsafe {
-                sgemm_raw(
-                    r1 - r0,
-                    d,
-                    ke,
-                    1.0,
-                    (p.as_ptr(), ke, false),
-                    (vv.as_ptr(), nkv * d, false),
-                    0.0,
-                    out.ptr().add(dm.q_at(bi, r0, h)),
-                    nh * d,
-                    1,
-                );
-            }
+            let mut qs = vec![0f32; n * d];
+            self.gather(dm, q, bi, kh, rows, &mut qs);
+            let mut p = vec![0f32; n * ke];
+            self.probs(dm, &qs, k, bi, kh, rows, ke, &mut p);
+            let vm = Mat {
+                data: &v[dm.kv_at(bi, kh)..],
+                ld: nkv * d,
+                trans: false,
+            };
+            let os = sgemm_new(n, d, ke, 1.0, Mat::new(&p, ke), vm, 1);
+            // SAFETY: rows `rows` of the heads of group kh belong to this task alone.
+            unsafe { self.scatter(dm, &os, bi, kh, rows, out) };
         });
         // SAFETY: the loop above wrote all `len` elements (see the comment at the top).
         unsafe { o.set_len(len) };
@@ -674,10 +708,10 @@ impl AttentionOp {
         v: &[f32],
         g: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (nh, nkv, d) = (dm.nh, dm.nkv, dm.d);
-        let rep = nh / nkv;
+        let (nkv, d) = (dm.nkv, dm.d);
+        let rep = dm.nh / nkv;
         let nb = dm.blocks();
-        // dQ is written once per element (beta 0, one block per task); dK and dV accumulate.
+        // dQ is written once per element (one block per task); dK and dV accumulate.
         let mut dq: Vec<f32> = Vec::with_capacity(q.len());
         let mut dk = vec![0f32; k.len()];
         let mut dv = vec![0f32; v.len()];
@@ -691,81 +725,72 @@ impl AttentionOp {
         (0..dm.b * nkv).into_par_iter().for_each(|task| {
             let (bi, kh) = (task / nkv, task % nkv);
             let kv = dm.kv_at(bi, kh);
-            let mut p = vec![0f32; QUERY_BLOCK * dm.t];
-            let mut dp = vec![0f32; QUERY_BLOCK * dm.t];
-            for h in kh * rep..(kh + 1) * rep {
-                for blk in 0..nb {
-                    let (r0, r1) = dm.rows(blk);
-                    let rows = r1 - r0;
-                    let ke = self.key_end[bi * nb + blk];
-                    let (p, dp) = (&mut p[..rows * ke], &mut dp[..rows * ke]);
-                    self.probs(dm, q, k, bi, h, (r0, r1), ke, p);
-                    let qo = dm.q_at(bi, r0, h);
-                    // dP = dO V^T.
-                    let gm = Mat {
-                        data: &g[qo..],
-                        ld: nh * d,
-                        trans: false,
-                    };
-                    let vm = Mat {
-                        data: &v[kv..],
-                        ld: nkv * d,
-                        trans: true,
-                    };
-                    sgemm(rows, ke, d, 1.0, gm, vm, 0.0, dp, ke, 1);
-                    // SAFETY (all three calls): the written blocks belong to this task (see
-                    // above); the operands are in bounds of their buffers.
-                    unsafe {
-                        // dV[0..ke] += P^T dO.
-                        sgemm_raw(
-                            ke,
-                            d,
-                            rows,
-                            1.0,
-                            (p.as_ptr(), ke, true),
-                            (g[qo..].as_ptr(), nh * d, false),
-                            1.0,
-                            sv.ptr().add(kv),
-                            nkv * d,
-                            1,
-                        );
+            let most = rep * QUERY_BLOCK;
+            let (mut qs, mut gs) = (vec![0f32; most * d], vec![0f32; most * d]);
+            let (mut p, mut dp) = (vec![0f32; most * dm.t], vec![0f32; most * dm.t]);
+            for blk in 0..nb {
+                let rows = dm.rows(blk);
+                let n = rep * (rows.1 - rows.0);
+                let ke = self.key_end[bi * nb + blk];
+                let (qs, gs) = (&mut qs[..n * d], &mut gs[..n * d]);
+                let (p, dp) = (&mut p[..n * ke], &mut dp[..n * ke]);
+                self.gather(dm, q, bi, kh, rows, qs);
+                self.gather(dm, g, bi, kh, rows, gs);
+                self.probs(dm, qs, k, bi, kh, rows, ke, p);
+                // dP = dO V^T.
+                let vm = Mat {
+                    data: &v[kv..],
+                    ld: nkv * d,
+                    trans: true,
+                };
+                sgemm(n, ke, d, 1.0, Mat::new(gs, d), vm, 0.0, dp, ke, 1);
+                // SAFETY (dV, dK): the kv head of this task is written by this task alone; the
+                // operands are in bounds of their buffers.
+                unsafe {
+                    // dV[0..ke] += P^T dO.
+                    sgemm_raw(
+                        ke,
+                        d,
+                        n,
+                        1.0,
+                        (p.as_ptr(), ke, true),
+                        (gs.as_ptr(), d, false),
+                        1.0,
+                        sv.ptr().add(kv),
+                        nkv * d,
+                        1,
+                    );
+                }
+                // dS = P * (dP - rowsum(dP * P)), in place in dp.
+                for (pr, dr) in p.chunks(ke).zip(dp.chunks_mut(ke)) {
+                    let delta: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (x, pv) in dr.iter_mut().zip(pr) {
+                        *x = pv * (*x - delta);
                     }
-                    // dS = P * (dP - rowsum(dP * P)), in place in dp.
-                    for i in 0..rows {
-                        let (pr, dr) = (&p[i * ke..(i + 1) * ke], &mut dp[i * ke..(i + 1) * ke]);
-                        let delta: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for (x, pv) in dr.iter_mut().zip(pr) {
-                            *x = pv * (*x - delta);
-                        }
-                    }
-                    unsafe {
-                        // dQ = scale dS K.
-                        sgemm_raw(
-                            rows,
-                            d,
-                            ke,
-                            self.scale,
-                            (dp.as_ptr(), ke, false),
-                            (k[kv..].as_ptr(), nkv * d, false),
-                            0.0,
-                            sq.ptr().add(qo),
-                            nh * d,
-                            1,
-                        );
-                        // dK[0..ke] += scale dS^T Q.
-                        sgemm_raw(
-                            ke,
-                            d,
-                            rows,
-                            self.scale,
-                            (dp.as_ptr(), ke, true),
-                            (q[qo..].as_ptr(), nh * d, false),
-                            1.0,
-                            sk.ptr().add(kv),
-                            nkv * d,
-                            1,
-                        );
-                    }
+                }
+                // dQ = scale dS K, back to the query layout.
+                let km = Mat {
+                    data: &k[kv..],
+                    ld: nkv * d,
+                    trans: false,
+                };
+                let dqs = sgemm_new(n, d, ke, self.scale, Mat::new(dp, ke), km, 1);
+                // SAFETY: rows `rows` of the heads of group kh belong to this task alone.
+                unsafe { self.scatter(dm, &dqs, bi, kh, rows, sq) };
+                unsafe {
+                    // dK[0..ke] += scale dS^T Q.
+                    sgemm_raw(
+                        ke,
+                        d,
+                        n,
+                        self.scale,
+                        (dp.as_ptr(), ke, true),
+                        (qs.as_ptr(), d, false),
+                        1.0,
+                        sk.ptr().add(kv),
+                        nkv * d,
+                        1,
+                    );
                 }
             }
         });
