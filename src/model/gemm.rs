@@ -48,6 +48,18 @@ fn needed(rows: usize, cols: usize, ld: usize) -> usize {
     }
 }
 
+/// Panics unless `a` and `b` hold an `m x k` and a `k x n` operand with their strides.
+fn check_operands(m: usize, n: usize, k: usize, a: &Mat<'_>, b: &Mat<'_>) {
+    let (ar, ac) = if a.trans { (k, m) } else { (m, k) };
+    let (br, bc) = if b.trans { (n, k) } else { (k, n) };
+    assert!(
+        a.ld >= ac.max(1) && b.ld >= bc.max(1),
+        "sgemm: leading dimension too small"
+    );
+    assert!(a.data.len() >= needed(ar, ac, a.ld), "sgemm: A too short");
+    assert!(b.data.len() >= needed(br, bc, b.ld), "sgemm: B too short");
+}
+
 /// `c = alpha * op(a) op(b) + beta * c` for an `m x n` result with row stride `ldc`, on
 /// `threads` threads of the rayon pool (1: the calling thread only).
 ///
@@ -66,15 +78,11 @@ pub fn sgemm(
     ldc: usize,
     threads: usize,
 ) {
-    let (ar, ac) = if a.trans { (k, m) } else { (m, k) };
-    let (br, bc) = if b.trans { (n, k) } else { (k, n) };
+    check_operands(m, n, k, &a, &b);
     assert!(
-        a.ld >= ac.max(1) && b.ld >= bc.max(1) && ldc >= n.max(1),
-        "sgemm: leading dimension too small"
+        ldc >= n.max(1) && c.len() >= needed(m, n, ldc),
+        "sgemm: C too short"
     );
-    assert!(a.data.len() >= needed(ar, ac, a.ld), "sgemm: A too short");
-    assert!(b.data.len() >= needed(br, bc, b.ld), "sgemm: B too short");
-    assert!(c.len() >= needed(m, n, ldc), "sgemm: C too short");
     // SAFETY: the bounds were checked above; `c` is borrowed mutably and so cannot alias.
     unsafe {
         sgemm_raw(
@@ -107,14 +115,7 @@ pub fn sgemm_new(
     b: Mat<'_>,
     threads: usize,
 ) -> Vec<f32> {
-    let (ar, ac) = if a.trans { (k, m) } else { (m, k) };
-    let (br, bc) = if b.trans { (n, k) } else { (k, n) };
-    assert!(
-        a.ld >= ac.max(1) && b.ld >= bc.max(1),
-        "sgemm: leading dimension too small"
-    );
-    assert!(a.data.len() >= needed(ar, ac, a.ld), "sgemm: A too short");
-    assert!(b.data.len() >= needed(br, bc, b.ld), "sgemm: B too short");
+    check_operands(m, n, k, &a, &b);
     let mut c = Vec::with_capacity(m * n);
     // SAFETY: with beta 0 every element of the m x n output is written and none is read; the
     // operand bounds were checked above; `set_len` follows the complete write.

@@ -1091,6 +1091,17 @@ mod tests {
         )
     }
 
+    /// Attention through the unfused model code, `(batch, seq, heads, head_dim)` in and out.
+    fn reference_attention(x: &[Tensor], n_rep: usize, mask: &Tensor) -> Result<Tensor> {
+        let h = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+        let err = |e: crate::model::ModelError| candle_core::Error::Msg(e.to_string());
+        let k = crate::model::repeat_kv(h(&x[1])?, n_rep).map_err(err)?;
+        let v = crate::model::repeat_kv(h(&x[2])?, n_rep).map_err(err)?;
+        crate::model::attention(&h(&x[0])?, &k, &v, mask)
+            .map_err(err)?
+            .transpose(1, 2)
+    }
+
     #[test]
     fn rope_and_attention_match_autograd() -> Result<()> {
         let (b, t, nh, nkv, d) = (2, 5, 4, 2, 6);
@@ -1120,15 +1131,7 @@ mod tests {
                 randn(&[b, t, nkv, d])?,
             ],
             |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &mask)?.expect("f32")),
-            |x| {
-                let h = |x: &Tensor| x.transpose(1, 2)?.contiguous();
-                let err = |e: crate::model::ModelError| candle_core::Error::Msg(e.to_string());
-                let k = crate::model::repeat_kv(h(&x[1])?, nh / nkv).map_err(err)?;
-                let v = crate::model::repeat_kv(h(&x[2])?, nh / nkv).map_err(err)?;
-                crate::model::attention(&h(&x[0])?, &k, &v, &mask)
-                    .map_err(err)?
-                    .transpose(1, 2)
-            },
+            |x| reference_attention(x, nh / nkv, &mask),
         )
     }
 
@@ -1176,15 +1179,7 @@ mod tests {
                 randn(&[b, t, nkv, d])?,
             ],
             |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &mask)?.expect("f32")),
-            |x| {
-                let h = |x: &Tensor| x.transpose(1, 2)?.contiguous();
-                let err = |e: crate::model::ModelError| candle_core::Error::Msg(e.to_string());
-                let k = crate::model::repeat_kv(h(&x[1])?, nh / nkv).map_err(err)?;
-                let v = crate::model::repeat_kv(h(&x[2])?, nh / nkv).map_err(err)?;
-                crate::model::attention(&h(&x[0])?, &k, &v, &mask)
-                    .map_err(err)?
-                    .transpose(1, 2)
-            },
+            |x| reference_attention(x, nh / nkv, &mask),
         )
     }
 

@@ -29,8 +29,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::sandbox::{
-    cstring, kill_net_ns, net_ns_inode, pipe, prepare_workdir, remove_workdir, Feed, Plan,
-    RunOutcome, RunRequest, SandboxConfig, Stream,
+    cstring, io_pollfds, kill_net_ns, net_ns_inode, pipe, prepare_workdir, remove_workdir, Feed,
+    Plan, RunOutcome, RunRequest, SandboxConfig, Stream,
 };
 use super::{CodeCheckError, Isolation};
 
@@ -254,23 +254,6 @@ fn checkin(python: &Path, plan: Plan, server: Server) {
     }
 }
 
-/// Marshal a dict of string keys and values (the server reads it with
-/// `marshal.loads`).
-fn marshal_dict(fields: &[(&str, String)]) -> Vec<u8> {
-    fn put_str(out: &mut Vec<u8>, s: &str) {
-        out.push(b'u');
-        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-    let mut out = vec![b'{'];
-    for (k, v) in fields {
-        put_str(&mut out, k);
-        put_str(&mut out, v);
-    }
-    out.push(b'0');
-    out
-}
-
 /// Parse `exit <status> <user us> <system us>`.
 fn parse_exit(msg: &[u8]) -> Option<(i32, Duration)> {
     let text = std::str::from_utf8(msg).ok()?;
@@ -288,7 +271,8 @@ pub(crate) fn run(
     plan: Plan,
     req: &RunRequest<'_>,
 ) -> Result<RunOutcome, ForkError> {
-    let bootstrap = super::runner::BOOTSTRAP;
+    use super::runner::{marshal_spec, SpecValue, BOOTSTRAP};
+    let bootstrap = BOOTSTRAP;
     let run_err =
         |what: &str, e: io::Error| ForkError::Run(CodeCheckError::Sandbox(format!("{what}: {e}")));
     let work = prepare_workdir(config, plan).map_err(ForkError::Run)?;
@@ -318,7 +302,7 @@ pub(crate) fn run(
     let bit = |b: bool| if b { "1" } else { "0" }.to_string();
     let workdir = String::from_utf8_lossy(work.dir.path().as_os_str().as_bytes()).into_owned();
     cstring(workdir.as_bytes()).map_err(ForkError::Run)?;
-    let msg = marshal_dict(&[
+    let fields = [
         ("workdir", workdir),
         ("tmpfs_opts", work.tmpfs_opts.clone()),
         ("unshare", flags.to_string()),
@@ -339,7 +323,12 @@ pub(crate) fn run(
         ("fsize", config.max_file_size_bytes.to_string()),
         ("nofile", config.max_open_files.to_string()),
         ("nproc", config.max_processes.to_string()),
-    ]);
+    ];
+    let fields: Vec<(&str, SpecValue<'_>)> = fields
+        .iter()
+        .map(|(k, v)| (*k, SpecValue::Str(v.as_str())))
+        .collect();
+    let msg = marshal_spec(&fields);
 
     let server = checkout(python, plan, bootstrap)
         .map_err(|e| ForkError::Unusable(format!("starting the fork server: {e}")))?;
@@ -466,25 +455,7 @@ pub(crate) fn run(
             None => {}
         }
 
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(7);
-        for s in [&out, &err, &res] {
-            if let Some(fd) = s.raw_fd() {
-                fds.push(libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
-        }
-        for f in [&stdin, &spec, &nonce] {
-            if let Some(fd) = f.raw_fd() {
-                fds.push(libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                });
-            }
-        }
+        let mut fds = io_pollfds(&[&out, &err, &res], &[&stdin, &spec, &nonce]);
         let timeout_ms = if exited_at.is_none() {
             fds.push(libc::pollfd {
                 fd: server.ctl.as_raw_fd(),

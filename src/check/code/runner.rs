@@ -146,7 +146,7 @@ fn harness_args() -> Vec<std::ffi::OsString> {
 }
 
 /// A value of the job description handed to the harness.
-enum SpecValue<'a> {
+pub(crate) enum SpecValue<'a> {
     None,
     Str(&'a str),
     List(&'a [String]),
@@ -154,7 +154,7 @@ enum SpecValue<'a> {
 
 /// Serialize the job description as a Python `marshal` dict of strings, lists
 /// of strings and `None`, which the harness reads without importing any module.
-fn marshal_spec(fields: &[(&str, SpecValue<'_>)]) -> Vec<u8> {
+pub(crate) fn marshal_spec(fields: &[(&str, SpecValue<'_>)]) -> Vec<u8> {
     fn put_str(out: &mut Vec<u8>, s: &str) {
         out.push(b'u');
         out.extend_from_slice(&(s.len() as u32).to_le_bytes());

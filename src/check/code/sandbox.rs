@@ -818,6 +818,30 @@ impl Stream {
     }
 }
 
+/// Poll entries for the still-open output streams (readable) and input feeds (writable) of a
+/// sandboxed run, with room for one more (the exit notification).
+pub(crate) fn io_pollfds(streams: &[&Stream], feeds: &[&Feed<'_>]) -> Vec<libc::pollfd> {
+    let entry = |fd, events| libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let mut fds = Vec::with_capacity(streams.len() + feeds.len() + 1);
+    fds.extend(
+        streams
+            .iter()
+            .filter_map(|s| s.raw_fd())
+            .map(|fd| entry(fd, libc::POLLIN)),
+    );
+    fds.extend(
+        feeds
+            .iter()
+            .filter_map(|f| f.raw_fd())
+            .map(|fd| entry(fd, libc::POLLOUT)),
+    );
+    fds
+}
+
 pub(crate) struct Feed<'a> {
     fd: Option<OwnedFd>,
     data: &'a [u8],
@@ -1056,25 +1080,7 @@ fn run_with_plan(
             None => {}
         }
 
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(7);
-        for s in [&out, &err, &res] {
-            if let Some(fd) = s.fd.as_ref() {
-                fds.push(libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
-        }
-        for f in [&stdin, &spec, &nonce] {
-            if let Some(fd) = f.fd.as_ref() {
-                fds.push(libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                });
-            }
-        }
+        let mut fds = io_pollfds(&[&out, &err, &res], &[&stdin, &spec, &nonce]);
         let timeout_ms = match (&pidfd, exited_at) {
             (Some(fd), None) => {
                 fds.push(libc::pollfd {
