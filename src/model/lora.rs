@@ -388,6 +388,11 @@ impl LoraLinear {
         &self.weight
     }
 
+    /// The bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// The adapter, if any.
     pub fn adapter(&self) -> Option<&LoraAdapter> {
         self.lora.as_ref()

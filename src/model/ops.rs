@@ -1007,6 +1007,235 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     ))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gate and up projections with SwiGLU.
+// ---------------------------------------------------------------------------------------------
+
+/// `silu(x Wg'^T) * (x Wu'^T)` with `Wg' = Wg + scale Bg Ag` and `Wu' = Wu + scale Bu Au`, the
+/// frozen weights `(inter, in)` captured and the adapters passed stacked: `A = [Ag; Au]`
+/// `(2r, in)`, `B = [Bg; Bu]` `(2 inter, r)`. One graph node instead of three saves the
+/// autograd bookkeeping of the two `(rows, inter)` edges between them (a zero tensor and a
+/// single-threaded add each). The pre-activations are kept for the backward pass, as the
+/// separate nodes kept them.
+struct GatedLora {
+    wg: Tensor,
+    wu: Tensor,
+    scale: f32,
+    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl GatedLora {
+    /// `(Wg', Wu')` for the current adapters.
+    fn merged(&self, a: &[f32], b: &[f32], r: usize, din: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let inter = self.wg.dim(0)?;
+        let threads = pool_threads();
+        let fold = |w: &Tensor, part: usize| -> Result<Vec<f32>> {
+            with_f32(w, |w| {
+                let mut m = w.to_vec();
+                let bm = Mat::new(&b[part * inter * r..], r);
+                let am = Mat::new(&a[part * r * din..], din);
+                sgemm(inter, din, r, self.scale, bm, am, 1.0, &mut m, din, threads);
+                m
+            })
+        };
+        Ok((fold(&self.wg, 0)?, fold(&self.wu, 1)?))
+    }
+
+    /// Pre-activations `x Wg'^T`, `x Wu'^T`.
+    fn pre(
+        &self,
+        x: &[f32],
+        merged: &(Vec<f32>, Vec<f32>),
+        rows: usize,
+        din: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (inter, threads) = (merged.0.len() / din, pool_threads());
+        let xm = Mat::new(x, din);
+        let gate = sgemm_new(
+            rows,
+            inter,
+            din,
+            1.0,
+            xm,
+            Mat::new(&merged.0, din).t(),
+            threads,
+        );
+        let up = sgemm_new(
+            rows,
+            inter,
+            din,
+            1.0,
+            xm,
+            Mat::new(&merged.1, din).t(),
+            threads,
+        );
+        (gate, up)
+    }
+}
+
+impl CustomOp3 for GatedLora {
+    fn name(&self) -> &'static str {
+        "gated-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (rows, din) = as_rows(l1.shape())?;
+        let r = l2.shape().dims2()?.0 / 2;
+        let merged = self.merged(a, b, r, din)?;
+        let (gate, up) = self.pre(x, &merged, rows, din);
+        let y = par_filled(gate.len(), CHUNK, |i, y| {
+            let span = i * CHUNK..i * CHUNK + y.len();
+            for ((y, g), u) in y.iter_mut().zip(&gate[span.clone()]).zip(&up[span]) {
+                y.write(g * sigmoid(*g) * u);
+            }
+        });
+        if let Ok(mut saved) = self.saved.lock() {
+            *saved = Some((gate, up));
+        }
+        let inter = self.wg.dim(0)?;
+        Ok(f32_storage(y, with_last(l1.shape(), inter)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, din) = as_rows(x.shape())?;
+        let r = a.dim(0)? / 2;
+        let inter = self.wg.dim(0)?;
+        let (s, threads) = (self.scale, pool_threads());
+        let (dx, da, db) = with_f32(x, |xv| {
+            with_f32(a, |av| {
+                with_f32(b, |bv| {
+                    with_f32(g, |gv| -> Result<_> {
+                        let merged = self.merged(av, bv, r, din)?;
+                        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
+                        let (gate, up) = match saved {
+                            Some(p) => p,
+                            None => self.pre(xv, &merged, rows, din),
+                        };
+                        // d gate, d up through silu(gate) * up.
+                        let (mut dg, mut du) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+                        dg.par_chunks_mut(CHUNK)
+                            .zip(du.par_chunks_mut(CHUNK))
+                            .zip(gate.par_chunks(CHUNK))
+                            .zip(up.par_chunks(CHUNK))
+                            .zip(gv.par_chunks(CHUNK))
+                            .for_each(|((((dg, du), ga), up), gv)| {
+                                for i in 0..ga.len() {
+                                    let sg = sigmoid(ga[i]);
+                                    du[i] = gv[i] * ga[i] * sg;
+                                    dg[i] = gv[i] * up[i] * sg * (1.0 + ga[i] * (1.0 - sg));
+                                }
+                            });
+                        let xm = Mat::new(xv, din);
+                        let (dgm, dum) = (Mat::new(&dg, inter), Mat::new(&du, inter));
+                        // dx = dg Wg' + du Wu'.
+                        let mut dx = sgemm_new(
+                            rows,
+                            din,
+                            inter,
+                            1.0,
+                            dgm,
+                            Mat::new(&merged.0, din),
+                            threads,
+                        );
+                        sgemm(
+                            rows,
+                            din,
+                            inter,
+                            1.0,
+                            dum,
+                            Mat::new(&merged.1, din),
+                            1.0,
+                            &mut dx,
+                            din,
+                            threads,
+                        );
+                        // Per projection: u = x A^T, gu = scale d B, dA = gu^T x, dB = scale d^T u.
+                        let mut da = Vec::with_capacity(2 * r * din);
+                        let mut db = Vec::with_capacity(2 * inter * r);
+                        for (part, d) in [dgm, dum].into_iter().enumerate() {
+                            let am = Mat::new(&av[part * r * din..], din);
+                            let bm = Mat::new(&bv[part * inter * r..], r);
+                            let u = sgemm_new(rows, r, din, 1.0, xm, am.t(), threads);
+                            let gu = sgemm_new(rows, r, inter, s, d, bm, threads);
+                            da.extend(sgemm_new(
+                                r,
+                                din,
+                                rows,
+                                1.0,
+                                Mat::new(&gu, r).t(),
+                                xm,
+                                threads,
+                            ));
+                            db.extend(sgemm_new(
+                                inter,
+                                r,
+                                rows,
+                                s,
+                                d.t(),
+                                Mat::new(&u, r),
+                                threads,
+                            ));
+                        }
+                        Ok((dx, da, db))
+                    })
+                })
+            })
+        })?????;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(da, a.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// `silu(x Wg^T + scale x Ag^T Bg^T) * (x Wu^T + scale x Au^T Bu^T)` for f32 CPU tensors, over
+/// the last dimension of `x`, the gate and up adapters sharing rank and scale; `None` when
+/// not applicable. Gradients reach `ag`, `bg`, `au`, `bu` (and `x`), never the weights.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_lora(
+    x: &Tensor,
+    wg: &Tensor,
+    wu: &Tensor,
+    (ag, bg): (&Tensor, &Tensor),
+    (au, bu): (&Tensor, &Tensor),
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !fused_f32(&[x, wg, wu, ag, bg, au, bu])
+        || wg.dims() != wu.dims()
+        || ag.dims() != au.dims()
+        || bg.dims() != bu.dims()
+    {
+        return Ok(None);
+    }
+    let a = Tensor::cat(&[ag, au], 0)?;
+    let b = Tensor::cat(&[bg, bu], 0)?;
+    let op = GatedLora {
+        wg: wg.detach(),
+        wu: wu.detach(),
+        scale: scale as f32,
+        saved: std::sync::Mutex::new(None),
+    };
+    Ok(Some(x.contiguous()?.apply_op3(&a, &b, op)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1180,6 +1409,31 @@ mod tests {
             ],
             |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &mask)?.expect("f32")),
             |x| reference_attention(x, nh / nkv, &mask),
+        )
+    }
+
+    #[test]
+    fn gated_lora_matches_autograd() -> Result<()> {
+        let wg = Tensor::randn(0f32, 1.0, (6, 5), &Device::Cpu)?;
+        let wu = Tensor::randn(0f32, 1.0, (6, 5), &Device::Cpu)?;
+        let vars = [
+            randn(&[2, 7, 5])?,
+            randn(&[3, 5])?,
+            randn(&[6, 3])?,
+            randn(&[3, 5])?,
+            randn(&[6, 3])?,
+        ];
+        let lin = |x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor| -> Result<Tensor> {
+            let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            x.broadcast_matmul(&w.t()?)? + (d * 0.5)?
+        };
+        check(
+            &vars,
+            |t| Ok(gated_lora(&t[0], &wg, &wu, (&t[1], &t[2]), (&t[3], &t[4]), 0.5)?.expect("f32")),
+            |t| {
+                candle_nn::ops::silu(&lin(&t[0], &wg, &t[1], &t[2])?)?
+                    * lin(&t[0], &wu, &t[3], &t[4])?
+            },
         )
     }
 
