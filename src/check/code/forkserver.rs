@@ -29,8 +29,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::sandbox::{
-    cstring, io_pollfds, kill_net_ns, net_ns_inode, pipe, prepare_workdir, remove_workdir, Feed,
-    Plan, RunOutcome, RunRequest, SandboxConfig, Stream,
+    cstring, io_pollfds, kill_net_ns, net_ns_inode, pipe, poll_and_pump, prepare_workdir,
+    remove_workdir, Feed, Plan, RunOutcome, RunRequest, SandboxConfig, Stream,
 };
 use super::{CodeCheckError, Isolation};
 
@@ -114,29 +114,21 @@ impl Server {
         let (ours, theirs) = seqpacket_pair()?;
         let sock = theirs.as_raw_fd();
         let mut cmd = Command::new(python);
-        cmd.args([
-            "-I",
-            "-S",
-            "-B",
-            "-X",
-            "utf8",
-            "-c",
-            SERVER,
-            "distill-forkserver",
-        ])
-        .arg(libc::SYS_mount_setattr.to_string())
-        .arg(bootstrap)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", "/")
-        .env("LANG", "C.UTF-8")
-        .env("LC_ALL", "C.UTF-8")
-        .env("OMP_NUM_THREADS", "1")
-        .env("OPENBLAS_NUM_THREADS", "1")
-        .env("MKL_NUM_THREADS", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.args(super::runner::INTERPRETER_FLAGS)
+            .args(["-c", SERVER, "distill-forkserver"])
+            .arg(libc::SYS_mount_setattr.to_string())
+            .arg(bootstrap)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/")
+            .env("LANG", "C.UTF-8")
+            .env("LC_ALL", "C.UTF-8")
+            .env("OMP_NUM_THREADS", "1")
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .env("MKL_NUM_THREADS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         // SAFETY: only async-signal-safe system calls on data prepared before
         // the fork.
         unsafe {
@@ -467,16 +459,12 @@ pub(crate) fn run(
         } else {
             20
         };
-        // SAFETY: fds is a valid array of pollfd.
-        unsafe {
-            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
-        }
-        out.pump();
-        err.pump();
-        res.pump();
-        stdin.pump();
-        spec.pump();
-        nonce.pump();
+        poll_and_pump(
+            &mut fds,
+            timeout_ms,
+            [&mut out, &mut err, &mut res],
+            [&mut stdin, &mut spec, &mut nonce],
+        );
         if exited_at.is_none() {
             match server.recv(Duration::ZERO) {
                 Ok(None) => {}

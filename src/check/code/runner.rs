@@ -124,25 +124,20 @@ fn harness_input(sandbox: &Sandbox, spec: &[u8]) -> Result<Vec<u8>, String> {
     Ok(input)
 }
 
+/// Interpreter flags of every sandboxed run, spawned or forked from a server.
+/// -I: ignore PYTHON* variables, user site-packages and the script directory.
+/// -S: skip the site module, a large part of the start-up time; the harness
+/// restores what programs rely on from it (`sys.path` with the installed
+/// packages, passed in the job description, and exit()/quit()).
+/// -B: write no bytecode. -X utf8: UTF-8 I/O regardless of locale.
+pub(crate) const INTERPRETER_FLAGS: [&str; 5] = ["-I", "-S", "-B", "-X", "utf8"];
+
 fn harness_args() -> Vec<std::ffi::OsString> {
-    // -I: ignore PYTHON* variables, user site-packages and the script directory.
-    // -S: skip the site module, a large part of the start-up time; the harness
-    // restores what programs rely on from it (`sys.path` with the installed
-    // packages, passed in the job description, and exit()/quit()).
-    // -B: write no bytecode. -X utf8: UTF-8 I/O regardless of locale.
-    [
-        "-I",
-        "-S",
-        "-B",
-        "-X",
-        "utf8",
-        "-c",
-        BOOTSTRAP,
-        "distill-sandbox",
-    ]
-    .into_iter()
-    .map(Into::into)
-    .collect()
+    INTERPRETER_FLAGS
+        .into_iter()
+        .chain(["-c", BOOTSTRAP, "distill-sandbox"])
+        .map(Into::into)
+        .collect()
 }
 
 /// A value of the job description handed to the harness.

@@ -842,6 +842,22 @@ pub(crate) fn io_pollfds(streams: &[&Stream], feeds: &[&Feed<'_>]) -> Vec<libc::
     fds
 }
 
+/// Waits up to `timeout_ms` for any of `fds` (see [`io_pollfds`]), then reads the output
+/// streams and writes the input feeds as far as they are ready.
+pub(crate) fn poll_and_pump(
+    fds: &mut [libc::pollfd],
+    timeout_ms: i32,
+    streams: [&mut Stream; 3],
+    feeds: [&mut Feed<'_>; 3],
+) {
+    // SAFETY: fds is a valid array of pollfd.
+    unsafe {
+        libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
+    }
+    streams.into_iter().for_each(Stream::pump);
+    feeds.into_iter().for_each(Feed::pump);
+}
+
 pub(crate) struct Feed<'a> {
     fd: Option<OwnedFd>,
     data: &'a [u8],
@@ -1094,16 +1110,12 @@ fn run_with_plan(
             (None, None) => 10,
             (_, Some(_)) => 20,
         };
-        // SAFETY: fds is a valid array of pollfd.
-        unsafe {
-            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms);
-        }
-        out.pump();
-        err.pump();
-        res.pump();
-        stdin.pump();
-        spec.pump();
-        nonce.pump();
+        poll_and_pump(
+            &mut fds,
+            timeout_ms,
+            [&mut out, &mut err, &mut res],
+            [&mut stdin, &mut spec, &mut nonce],
+        );
     }
     if outcome.duration.is_zero() {
         outcome.duration = start.elapsed();
