@@ -264,7 +264,6 @@ pub(crate) fn run(
     req: &RunRequest<'_>,
 ) -> Result<RunOutcome, ForkError> {
     use super::runner::{marshal_spec, SpecValue, BOOTSTRAP};
-    let bootstrap = BOOTSTRAP;
     let run_err =
         |what: &str, e: io::Error| ForkError::Run(CodeCheckError::Sandbox(format!("{what}: {e}")));
     let work = prepare_workdir(config, plan).map_err(ForkError::Run)?;
@@ -276,19 +275,7 @@ pub(crate) fn run(
     let (result_r, result_w) = pipe().map_err(|e| run_err("pipe", e))?;
     let (sync_r, sync_w) = pipe().map_err(|e| run_err("pipe", e))?;
 
-    let mut flags = 0;
-    if plan.net_ns {
-        flags |= libc::CLONE_NEWNET;
-    }
-    if plan.ipc_ns {
-        flags |= libc::CLONE_NEWIPC;
-    }
-    if plan.mount_ns {
-        flags |= libc::CLONE_NEWNS;
-    }
-    if plan.user_ns {
-        flags |= libc::CLONE_NEWUSER;
-    }
+    let flags = plan.unshare_flags();
     // SAFETY: trivial libc getters.
     let (outer_uid, outer_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let bit = |b: bool| if b { "1" } else { "0" }.to_string();
@@ -322,7 +309,7 @@ pub(crate) fn run(
         .collect();
     let msg = marshal_spec(&fields);
 
-    let server = checkout(python, plan, bootstrap)
+    let server = checkout(python, plan, BOOTSTRAP)
         .map_err(|e| ForkError::Unusable(format!("starting the fork server: {e}")))?;
     let first = server.runs == 0;
     let start = Instant::now();

@@ -202,6 +202,15 @@ impl Plan {
         }
     }
 
+    /// The `unshare(2)` flags of the namespaces this plan creates.
+    pub(crate) fn unshare_flags(&self) -> libc::c_int {
+        let flag = |on: bool, f: libc::c_int| if on { f } else { 0 };
+        flag(self.net_ns, libc::CLONE_NEWNET)
+            | flag(self.ipc_ns, libc::CLONE_NEWIPC)
+            | flag(self.mount_ns, libc::CLONE_NEWNS)
+            | flag(self.user_ns, libc::CLONE_NEWUSER)
+    }
+
     pub(crate) fn isolation(&self) -> Isolation {
         let is_root = unsafe { libc::geteuid() } == 0;
         Isolation {
@@ -524,19 +533,7 @@ impl ChildSetup {
         // SAFETY: raw system calls with valid, pre-built arguments.
         unsafe {
             check(libc::setsid() as libc::c_long)?;
-            let mut flags = 0;
-            if self.plan.net_ns {
-                flags |= libc::CLONE_NEWNET;
-            }
-            if self.plan.ipc_ns {
-                flags |= libc::CLONE_NEWIPC;
-            }
-            if self.plan.mount_ns {
-                flags |= libc::CLONE_NEWNS;
-            }
-            if self.plan.user_ns {
-                flags |= libc::CLONE_NEWUSER;
-            }
+            let flags = self.plan.unshare_flags();
             if flags != 0 {
                 check(libc::unshare(flags) as libc::c_long)?;
             }
