@@ -3,8 +3,9 @@
 //! Field names follow the checkpoint (`model.layers.N.self_attn.q_proj` ...) so that loading is a
 //! walk down the `VarBuilder` prefixes and every adapted module gets its PEFT name for free.
 
+use super::layer_op::{decoder_layer, LayerContext, LayerRefs};
 use super::lora::{LoraLinear, LoraVarBuilder};
-use super::ops::{attention_heads, rope_heads};
+use super::ops::{attention_heads, fused_f32, rope_heads};
 use super::{
     apply_rope, attention, repeat_kv, Config, ForwardOptions, Mlp, ModelError, ModelOutput,
     Packing, Result, RmsNorm, RotaryEmbedding,
@@ -84,6 +85,21 @@ impl Attention {
     }
 }
 
+/// What every layer of one forward pass gets besides its input: the rotary tables, the
+/// attention mask, the flat tables of the fused layer node (f32 CPU only) and whether this
+/// is a training pass.
+pub struct LayerInputs<'a> {
+    /// `(batch, 1, seq, head_dim / 2)`.
+    pub cos: &'a Tensor,
+    /// `(batch, 1, seq, head_dim / 2)`.
+    pub sin: &'a Tensor,
+    /// `(batch, 1, seq, seq)` additive mask.
+    pub mask: &'a Tensor,
+    pub(crate) fused: Option<LayerContext>,
+    /// Adapter dropout is active, and the fused node keeps what its backward pass needs.
+    pub train: bool,
+}
+
 /// Pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
@@ -94,11 +110,23 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Loads one layer under `vb` (`model.layers.N`).
+    /// Loads one layer under `vb` (`model.layers.N`), with `attention_bias` on all four
+    /// attention projections.
     pub fn load(vb: LoraVarBuilder, cfg: &Config) -> Result<Self> {
         let bias = cfg.attention_bias;
+        Self::with_biases(vb, cfg, bias, bias)
+    }
+
+    /// Loads one layer with the attention biases chosen per family (`qkv_bias` for q/k/v,
+    /// `o_bias` for o; Qwen2 has the first and not the second).
+    pub fn with_biases(
+        vb: LoraVarBuilder,
+        cfg: &Config,
+        qkv_bias: bool,
+        o_bias: bool,
+    ) -> Result<Self> {
         Ok(Self {
-            self_attn: Attention::load(vb.pp("self_attn"), cfg, bias, bias)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, qkv_bias, o_bias)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
             input_layernorm: RmsNorm::load(
                 &vb.pp("input_layernorm"),
@@ -113,15 +141,29 @@ impl DecoderLayer {
         })
     }
 
-    /// Runs the layer on `(batch, seq, hidden)`.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        train: bool,
-    ) -> Result<Tensor> {
+    /// The parts the fused layer node reads.
+    pub(crate) fn refs(&self) -> LayerRefs<'_> {
+        let a = &self.self_attn;
+        let [gate, up, down] = self.mlp.projections();
+        LayerRefs {
+            input_norm: &self.input_layernorm,
+            post_attention_norm: &self.post_attention_layernorm,
+            proj: [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, gate, up, down],
+            num_heads: a.num_heads,
+            num_kv_heads: a.num_kv_heads,
+            head_dim: a.head_dim,
+        }
+    }
+
+    /// Runs the layer on `(batch, seq, hidden)`: as one fused node when it applies (see
+    /// [`super::layer_op`]), else op by op.
+    pub fn forward(&self, xs: &Tensor, inp: &LayerInputs<'_>) -> Result<Tensor> {
+        if let Some(ctx) = &inp.fused {
+            if let Some(y) = decoder_layer(xs, &self.refs(), ctx, inp.train)? {
+                return Ok(y);
+            }
+        }
+        let (cos, sin, mask, train) = (inp.cos, inp.sin, inp.mask, inp.train);
         let h = self.input_layernorm.forward(xs)?;
         let xs = (xs + self.self_attn.forward(&h, cos, sin, mask, train)?)?;
         let h = self.post_attention_layernorm.forward(&xs)?;
@@ -171,7 +213,7 @@ impl Model {
             input_ids,
             packing,
             opts,
-            |l, x, c, s, m, tr| l.forward(x, c, s, m, tr),
+            DecoderLayer::forward,
         )
     }
 
@@ -227,7 +269,7 @@ pub(crate) fn run_decoder<L>(
     input_ids: &Tensor,
     packing: &Packing,
     opts: &ForwardOptions,
-    layer_forward: impl Fn(&L, &Tensor, &Tensor, &Tensor, &Tensor, bool) -> Result<Tensor>,
+    layer_forward: impl Fn(&L, &Tensor, &LayerInputs<'_>) -> Result<Tensor>,
 ) -> Result<ModelOutput> {
     let (b, t) = input_ids.dims2()?;
     if packing.position_ids.dims() != [b, t] || packing.mask.dims() != [b, 1, t, t] {
@@ -255,9 +297,21 @@ pub(crate) fn run_decoder<L>(
     let mut xs = embed_tokens
         .index_select(&input_ids.flatten_all()?, 0)?
         .reshape((b, t, ()))?;
+    let fused = if fused_f32(&[&xs, &cos, &sin]) {
+        Some(LayerContext::new(&packing.mask, &cos, &sin)?)
+    } else {
+        None
+    };
+    let inputs = LayerInputs {
+        cos: &cos,
+        sin: &sin,
+        mask: &packing.mask,
+        fused,
+        train: opts.train,
+    };
     let mut collected = Vec::with_capacity(opts.output_layers.len());
     for (i, layer) in layers.iter().enumerate() {
-        xs = layer_forward(layer, &xs, &cos, &sin, &packing.mask, opts.train)?;
+        xs = layer_forward(layer, &xs, &inputs)?;
         if opts.output_layers.contains(&i) {
             collected.push((i, xs.clone()));
         }

@@ -16,6 +16,7 @@
 //! `rms_norm`/`rope` kernels of `candle-nn` have no backward pass, so they are not used).
 
 pub mod gemm;
+mod layer_op;
 pub mod llama;
 pub mod load;
 pub mod lora;
@@ -519,6 +520,16 @@ impl RmsNorm {
         })
     }
 
+    /// The scale `(size,)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The epsilon added to the mean square.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if let Some(y) = ops::rms_norm(xs, &self.weight, self.eps)? {
@@ -690,6 +701,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// `gate_proj`, `up_proj`, `down_proj`.
+    pub(crate) fn projections(&self) -> [&lora::LoraLinear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
     /// Loads `gate_proj`, `up_proj`, `down_proj` under `vb` (the `mlp` prefix).
     pub fn load(vb: lora::LoraVarBuilder, cfg: &Config) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);

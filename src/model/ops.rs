@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 /// The f32 elements of a contiguous CPU storage region.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         (CpuStorage::F32(_), None) => bail!("fused op: non-contiguous input"),
@@ -45,18 +45,18 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     }
 }
 
-fn f32_storage(v: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
+pub(crate) fn f32_storage(v: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
     (CpuStorage::F32(v), shape.into())
 }
 
 /// Whether the fused f32 CPU path applies to all of `ts`.
-fn fused_f32(ts: &[&Tensor]) -> bool {
+pub(crate) fn fused_f32(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// `(rows, last)` of a tensor treated as a matrix over its last dimension.
-fn as_rows(shape: &Shape) -> Result<(usize, usize)> {
+pub(crate) fn as_rows(shape: &Shape) -> Result<(usize, usize)> {
     let last = *shape.dims().last().unwrap_or(&1);
     if last == 0 {
         bail!("fused op: empty last dimension");
@@ -74,7 +74,7 @@ fn with_last(shape: &Shape, last: usize) -> Shape {
 }
 
 /// Element-wise loops run on the rayon pool in chunks of this many values.
-const CHUNK: usize = 1 << 14;
+pub(crate) const CHUNK: usize = 1 << 14;
 
 /// `e^x` in straight-line f32 arithmetic that the compiler vectorizes (libm's `expf` is a
 /// call per element, a tenth of a training step in attention, SwiGLU and the loss).
@@ -99,9 +99,13 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // 2^n through the exponent bits: n is in [-126, 127] after the clamp. Wrapping integer
-    // operations keep the function free of overflow-check branches, so it vectorizes.
-    let two_n = f32::from_bits(((n as i32).wrapping_add(127) as u32).wrapping_shl(23));
+    // 2^n through the exponent bits: n is an integer in [-126, 127] after the clamp. Adding
+    // 1.5 * 2^23 puts n in the low mantissa bits of `t` exactly (no float-to-int conversion,
+    // whose saturating semantics would not vectorize); the shift keeps the low 9 bits of
+    // `bits(t) + 127`, which are n + 127, as the biased exponent.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = n + MAGIC;
+    let two_n = f32::from_bits(t.to_bits().wrapping_add(127).wrapping_shl(23));
     let y = e * two_n;
     let y = if x < LO { 0.0 } else { y };
     if x > HI {
@@ -113,6 +117,26 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 
 /// Lanes of the manual reductions below (one AVX-512 register of f32).
 const LANES: usize = 16;
+
+/// `sum_i a_i b_i`, accumulated in `LANES` independent partial sums so that the compiler
+/// vectorizes it (a plain iterator sum is one sequential chain of scalar adds).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    tail + acc.iter().sum::<f32>()
+}
 
 /// Maximum of `xs` (NaN-free input), in a form the compiler vectorizes.
 fn max_of(xs: &[f32]) -> f32 {
@@ -354,12 +378,59 @@ struct RmsNormOp {
     eps: f32,
 }
 
-impl RmsNormOp {
-    fn inv_rms(&self, row: &[f32]) -> f32 {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
-        1.0 / (ms + self.eps).sqrt()
-    }
+/// `1 / sqrt(mean(row^2) + eps)`.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = dot(row, row) / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
 
+/// One row of RMSNorm, `y = x / rms(x) * w`, written through `out(i, y_i)`.
+#[inline]
+pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, mut out: impl FnMut(usize, f32)) {
+    let r = inv_rms(x, eps);
+    for (i, (v, w)) in x.iter().zip(w).enumerate() {
+        out(i, v * r * w);
+    }
+}
+
+/// One row of the RMSNorm backward pass for the output gradient `g`, `dx_i` passed to
+/// `out(i, dx_i)` (to be stored or added).
+#[inline]
+pub(crate) fn rms_norm_grad_row(
+    x: &[f32],
+    g: &[f32],
+    w: &[f32],
+    eps: f32,
+    mut out: impl FnMut(usize, f32),
+) {
+    let r = inv_rms(x, eps);
+    // sum_i x_i g_i w_i in lanes, as in `dot`.
+    let mut acc = [0f32; LANES];
+    let (cx, cg, cw) = (
+        x.chunks_exact(LANES),
+        g.chunks_exact(LANES),
+        w.chunks_exact(LANES),
+    );
+    let tail: f32 = (cx
+        .remainder()
+        .iter()
+        .zip(cg.remainder())
+        .zip(cw.remainder()))
+    .map(|((x, g), w)| x * g * w)
+    .sum();
+    for ((x, g), w) in cx.zip(cg).zip(cw) {
+        for (((s, x), g), w) in acc.iter_mut().zip(x).zip(g).zip(w) {
+            *s += x * g * w;
+        }
+    }
+    let xgw = tail + acc.iter().sum::<f32>();
+    let c = r * r * r * xgw / x.len() as f32;
+    for (i, ((x, g), w)) in x.iter().zip(g).zip(w).enumerate() {
+        out(i, r * g * w - c * x);
+    }
+}
+
+impl RmsNormOp {
     /// Rows per parallel chunk.
     fn rows_per_chunk(&self) -> usize {
         (CHUNK / self.w.len()).max(1)
@@ -378,10 +449,9 @@ impl CustomOp1 for RmsNormOp {
         let y = par_filled(x.len(), step, |i, yc| {
             let xc = &x[i * step..i * step + yc.len()];
             for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                let r = self.inv_rms(xr);
-                for ((o, v), w) in yr.iter_mut().zip(xr).zip(self.w.iter()) {
-                    o.write(v * r * w);
-                }
+                rms_norm_row(xr, &self.w, self.eps, |i, v| {
+                    yr[i].write(v);
+                });
             }
         });
         Ok(f32_storage(y, l.shape().clone()))
@@ -396,17 +466,9 @@ impl CustomOp1 for RmsNormOp {
                     let span = i * step..i * step + dc.len();
                     let (xc, gc) = (&xv[span.clone()], &gv[span]);
                     for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
-                        let r = self.inv_rms(xr);
-                        let dot: f32 = xr
-                            .iter()
-                            .zip(gr)
-                            .zip(self.w.iter())
-                            .map(|((x, g), w)| x * g * w)
-                            .sum();
-                        let c = r * r * r * dot / n as f32;
-                        for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(self.w.iter()) {
-                            d.write(r * g * w - c * x);
-                        }
+                        rms_norm_grad_row(xr, gr, &self.w, self.eps, |i, v| {
+                            dr[i].write(v);
+                        });
                     }
                 })
             })
@@ -447,26 +509,38 @@ struct RopeOp {
     half: usize,
 }
 
+/// Rotates the first `heads` heads of every row of `x` (row stride `ld`, one row per
+/// position, the last row possibly cut after its heads) in place with per-position
+/// `(rows, half)` tables; `inverse` applies the transpose (the backward pass).
+pub(crate) fn rope_rows(
+    x: &mut [f32],
+    ld: usize,
+    heads: usize,
+    half: usize,
+    (cos, sin): (&[f32], &[f32]),
+    inverse: bool,
+) {
+    let sign = if inverse { -1.0 } else { 1.0 };
+    x.par_chunks_mut(ld).enumerate().for_each(|(pos, chunk)| {
+        let c = &cos[pos * half..(pos + 1) * half];
+        let s = &sin[pos * half..(pos + 1) * half];
+        for head in chunk[..heads * 2 * half].chunks_mut(2 * half) {
+            let (x1, x2) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                let si = sign * s[i];
+                x1[i] = a * c[i] - b * si;
+                x2[i] = b * c[i] + a * si;
+            }
+        }
+    });
+}
+
 impl RopeOp {
     /// Rotates `x` in place; `inverse` applies the transpose (the backward pass).
     fn rotate(&self, x: &mut [f32], inverse: bool) {
         let (h, half) = (self.heads, self.half);
-        let sign = if inverse { -1.0 } else { 1.0 };
-        x.par_chunks_mut(h * 2 * half)
-            .enumerate()
-            .for_each(|(pos, chunk)| {
-                let c = &self.cos[pos * half..(pos + 1) * half];
-                let s = &self.sin[pos * half..(pos + 1) * half];
-                for head in chunk.chunks_mut(2 * half) {
-                    let (x1, x2) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (x1[i], x2[i]);
-                        let si = sign * s[i];
-                        x1[i] = a * c[i] - b * si;
-                        x2[i] = b * c[i] + a * si;
-                    }
-                }
-            });
+        rope_rows(x, h * 2 * half, h, half, (&self.cos, &self.sin), inverse);
     }
 }
 
@@ -536,7 +610,11 @@ const QUERY_BLOCK: usize = 32;
 /// `softmax(q k^T * scale + mask) v` with grouped-query heads on `(batch, seq, heads,
 /// head_dim)` inputs (`k`/`v` with `heads / n_rep` heads); output in the same layout. The
 /// probabilities are recomputed in the backward pass instead of being kept.
-struct AttentionOp {
+///
+/// The query and key/value buffers may have wider rows than their heads (`Dims::ldq`,
+/// `Dims::ldkv`), so that a fused q/k/v projection output is read in place.
+#[derive(Clone)]
+pub(crate) struct AttentionOp {
     /// `(batch, seq, seq)` additive mask (0 or -inf).
     mask: Arc<Vec<f32>>,
     /// Per (batch, query block): keys past this column are masked for every row of the block.
@@ -548,15 +626,37 @@ struct AttentionOp {
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    t: usize,
-    nh: usize,
-    nkv: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub d: usize,
+    /// Row stride of the query buffer (and of dQ): `nh * d` when it holds the queries alone.
+    pub ldq: usize,
+    /// Row stride of the key and value buffers (and of dK, dV).
+    pub ldkv: usize,
 }
 
 impl Dims {
+    /// Dense buffers: queries `(b, t, nh * d)`, keys and values `(b, t, nkv * d)`.
+    pub fn dense(b: usize, t: usize, nh: usize, nkv: usize, d: usize) -> Self {
+        Self {
+            b,
+            t,
+            nh,
+            nkv,
+            d,
+            ldq: nh * d,
+            ldkv: nkv * d,
+        }
+    }
+
+    /// Row stride of the output and of its gradient (always dense).
+    fn ldo(&self) -> usize {
+        self.nh * self.d
+    }
+
     fn blocks(&self) -> usize {
         self.t.div_ceil(QUERY_BLOCK)
     }
@@ -566,20 +666,20 @@ impl Dims {
         (blk * QUERY_BLOCK, ((blk + 1) * QUERY_BLOCK).min(self.t))
     }
 
-    /// Offset of (batch `bi`, row `r`, query head `h`) in a query-layout buffer.
-    fn q_at(&self, bi: usize, r: usize, h: usize) -> usize {
-        (bi * self.t + r) * self.nh * self.d + h * self.d
+    /// Offset of (batch `bi`, row `r`, query head `h`) in a buffer of row stride `ld`.
+    fn head_at(&self, ld: usize, bi: usize, r: usize, h: usize) -> usize {
+        (bi * self.t + r) * ld + h * self.d
     }
 
-    /// Offset of (batch `bi`, row 0, kv head `kh`) in a key/value-layout buffer.
+    /// Offset of (batch `bi`, row 0, kv head `kh`) in a key/value buffer.
     fn kv_at(&self, bi: usize, kh: usize) -> usize {
-        bi * self.t * self.nkv * self.d + kh * self.d
+        bi * self.t * self.ldkv + kh * self.d
     }
 }
 
 /// A buffer written by several rayon tasks, each to its own disjoint elements.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub *mut f32);
 // SAFETY: only used to hand disjoint output regions to parallel tasks (see the callers).
 unsafe impl Send for Shared {}
 // SAFETY: as above.
@@ -588,19 +688,21 @@ unsafe impl Sync for Shared {}
 impl Shared {
     /// The buffer's start. A method rather than the field, so that closures capture the
     /// whole `Send` wrapper and not the raw pointer inside it.
-    fn ptr(&self) -> *mut f32 {
+    pub fn ptr(&self) -> *mut f32 {
         self.0
     }
 }
 
 impl AttentionOp {
     /// Copies rows `r0..r1` of the `rep` query heads sharing kv head `kh` (batch `bi`) from a
-    /// query-layout buffer into `dst` as one `(rep * rows, d)` matrix, head-major, so the heads
-    /// of a group share each product with their keys and values.
+    /// query-layout buffer of row stride `ld` into `dst` as one `(rep * rows, d)` matrix,
+    /// head-major, so the heads of a group share each product with their keys and values.
+    #[allow(clippy::too_many_arguments)]
     fn gather(
         &self,
         dm: &Dims,
         src: &[f32],
+        ld: usize,
         bi: usize,
         kh: usize,
         (r0, r1): (usize, usize),
@@ -609,22 +711,25 @@ impl AttentionOp {
         let (rep, d, rows) = (dm.nh / dm.nkv, dm.d, r1 - r0);
         for j in 0..rep {
             for i in 0..rows {
-                let from = dm.q_at(bi, r0 + i, kh * rep + j);
+                let from = dm.head_at(ld, bi, r0 + i, kh * rep + j);
                 dst[(j * rows + i) * d..(j * rows + i + 1) * d]
                     .copy_from_slice(&src[from..from + d]);
             }
         }
     }
 
-    /// Writes a gathered `(rep * rows, d)` matrix back to its rows of a query-layout buffer.
+    /// Writes a gathered `(rep * rows, d)` matrix back to its rows of a query-layout buffer
+    /// of row stride `ld`.
     ///
     /// # Safety
-    /// `dst` must point to a query-layout buffer of `dm`'s size, whose rows `r0..r1` of the
-    /// heads of group `kh` no other thread accesses during the call.
+    /// `dst` must point to a query-layout buffer of `dm`'s size and stride `ld`, whose rows
+    /// `r0..r1` of the heads of group `kh` no other thread accesses during the call.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn scatter(
         &self,
         dm: &Dims,
         src: &[f32],
+        ld: usize,
         bi: usize,
         kh: usize,
         (r0, r1): (usize, usize),
@@ -633,7 +738,7 @@ impl AttentionOp {
         let (rep, d, rows) = (dm.nh / dm.nkv, dm.d, r1 - r0);
         for j in 0..rep {
             for i in 0..rows {
-                let to = dm.q_at(bi, r0 + i, kh * rep + j);
+                let to = dm.head_at(ld, bi, r0 + i, kh * rep + j);
                 let row = &src[(j * rows + i) * d..(j * rows + i + 1) * d];
                 std::ptr::copy_nonoverlapping(row.as_ptr(), dst.ptr().add(to), d);
             }
@@ -658,7 +763,7 @@ impl AttentionOp {
         let n = (dm.nh / dm.nkv) * rows;
         let km = Mat {
             data: &k[dm.kv_at(bi, kh)..],
-            ld: dm.nkv * d,
+            ld: dm.ldkv,
             trans: true,
         };
         sgemm(n, ke, d, self.scale, Mat::new(qs, d), km, 0.0, p, ke, 1);
@@ -668,7 +773,9 @@ impl AttentionOp {
         }
     }
 
-    fn forward(&self, dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    /// The attention output `(b, t, nh * d)` for queries, keys and values laid out as `dm`
+    /// says (`k` and `v` start at their first head, and may be slices of one buffer).
+    pub fn forward(&self, dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (nkv, d) = (dm.nkv, dm.d);
         let rep = dm.nh / nkv;
         let nb = dm.blocks();
@@ -683,43 +790,46 @@ impl AttentionOp {
             let n = rep * (rows.1 - rows.0);
             let ke = self.key_end[bi * nb + blk];
             let mut qs = vec![0f32; n * d];
-            self.gather(dm, q, bi, kh, rows, &mut qs);
+            self.gather(dm, q, dm.ldq, bi, kh, rows, &mut qs);
             let mut p = vec![0f32; n * ke];
             self.probs(dm, &qs, k, bi, kh, rows, ke, &mut p);
             let vm = Mat {
                 data: &v[dm.kv_at(bi, kh)..],
-                ld: nkv * d,
+                ld: dm.ldkv,
                 trans: false,
             };
             let os = sgemm_new(n, d, ke, 1.0, Mat::new(&p, ke), vm, 1);
             // SAFETY: rows `rows` of the heads of group kh belong to this task alone.
-            unsafe { self.scatter(dm, &os, bi, kh, rows, out) };
+            unsafe { self.scatter(dm, &os, dm.ldo(), bi, kh, rows, out) };
         });
         // SAFETY: the loop above wrote all `len` elements (see the comment at the top).
         unsafe { o.set_len(len) };
         o
     }
 
-    fn backward(
+    /// Gradients of [`Self::forward`] for the output gradient `g` `(b, t, nh * d)`: dQ is
+    /// written to `dq` (every element of the query heads, row stride `dm.ldq`); dK and dV are
+    /// added to `dk` and `dv` (row stride `dm.ldkv`), which the caller zeroes first.
+    ///
+    /// # Safety
+    /// `dq`, `dk` and `dv` must point to buffers laid out as `dm` says, which nothing else
+    /// accesses during the call (they may be parts of one buffer: the heads never overlap).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn backward_into(
         &self,
         dm: &Dims,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         g: &[f32],
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        dq: Shared,
+        dk: Shared,
+        dv: Shared,
+    ) {
         let (nkv, d) = (dm.nkv, dm.d);
         let rep = dm.nh / nkv;
         let nb = dm.blocks();
-        // dQ is written once per element (one block per task); dK and dV accumulate.
-        let mut dq: Vec<f32> = Vec::with_capacity(q.len());
-        let mut dk = vec![0f32; k.len()];
-        let mut dv = vec![0f32; v.len()];
-        let (sq, sk, sv) = (
-            Shared(dq.as_mut_ptr()),
-            Shared(dk.as_mut_ptr()),
-            Shared(dv.as_mut_ptr()),
-        );
+        let (sq, sk, sv) = (dq, dk, dv);
         // One task per (batch, kv head): it owns dK/dV of that head and the dQ rows of its
         // query heads, so tasks never write the same element.
         (0..dm.b * nkv).into_par_iter().for_each(|task| {
@@ -734,18 +844,18 @@ impl AttentionOp {
                 let ke = self.key_end[bi * nb + blk];
                 let (qs, gs) = (&mut qs[..n * d], &mut gs[..n * d]);
                 let (p, dp) = (&mut p[..n * ke], &mut dp[..n * ke]);
-                self.gather(dm, q, bi, kh, rows, qs);
-                self.gather(dm, g, bi, kh, rows, gs);
+                self.gather(dm, q, dm.ldq, bi, kh, rows, qs);
+                self.gather(dm, g, dm.ldo(), bi, kh, rows, gs);
                 self.probs(dm, qs, k, bi, kh, rows, ke, p);
                 // dP = dO V^T.
                 let vm = Mat {
                     data: &v[kv..],
-                    ld: nkv * d,
+                    ld: dm.ldkv,
                     trans: true,
                 };
                 sgemm(n, ke, d, 1.0, Mat::new(gs, d), vm, 0.0, dp, ke, 1);
                 // SAFETY (dV, dK): the kv head of this task is written by this task alone; the
-                // operands are in bounds of their buffers.
+                // operands are in bounds of their buffers (the caller's contract).
                 unsafe {
                     // dV[0..ke] += P^T dO.
                     sgemm_raw(
@@ -757,13 +867,13 @@ impl AttentionOp {
                         (gs.as_ptr(), d, false),
                         1.0,
                         sv.ptr().add(kv),
-                        nkv * d,
+                        dm.ldkv,
                         1,
                     );
                 }
                 // dS = P * (dP - rowsum(dP * P)), in place in dp.
                 for (pr, dr) in p.chunks(ke).zip(dp.chunks_mut(ke)) {
-                    let delta: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    let delta = dot(pr, dr);
                     for (x, pv) in dr.iter_mut().zip(pr) {
                         *x = pv * (*x - delta);
                     }
@@ -771,12 +881,12 @@ impl AttentionOp {
                 // dQ = scale dS K, back to the query layout.
                 let km = Mat {
                     data: &k[kv..],
-                    ld: nkv * d,
+                    ld: dm.ldkv,
                     trans: false,
                 };
                 let dqs = sgemm_new(n, d, ke, self.scale, Mat::new(dp, ke), km, 1);
                 // SAFETY: rows `rows` of the heads of group kh belong to this task alone.
-                unsafe { self.scatter(dm, &dqs, bi, kh, rows, sq) };
+                unsafe { self.scatter(dm, &dqs, dm.ldq, bi, kh, rows, sq) };
                 unsafe {
                     // dK[0..ke] += scale dS^T Q.
                     sgemm_raw(
@@ -788,14 +898,41 @@ impl AttentionOp {
                         (qs.as_ptr(), d, false),
                         1.0,
                         sk.ptr().add(kv),
-                        nkv * d,
+                        dm.ldkv,
                         1,
                     );
                 }
             }
         });
-        // SAFETY: every dQ element was written by the loop above.
-        unsafe { dq.set_len(q.len()) };
+    }
+
+    /// [`Self::backward_into`] for dense buffers, returning `(dq, dk, dv)`.
+    fn backward(
+        &self,
+        dm: &Dims,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut dq: Vec<f32> = Vec::with_capacity(q.len());
+        let mut dk = vec![0f32; k.len()];
+        let mut dv = vec![0f32; v.len()];
+        // SAFETY: three separate buffers of the dense layout; dk/dv start zeroed and dq is
+        // written in full by `backward_into` before `set_len`.
+        unsafe {
+            self.backward_into(
+                dm,
+                q,
+                k,
+                v,
+                g,
+                Shared(dq.as_mut_ptr()),
+                Shared(dk.as_mut_ptr()),
+                Shared(dv.as_mut_ptr()),
+            );
+            dq.set_len(q.len());
+        }
         (dq, dk, dv)
     }
 }
@@ -847,6 +984,55 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
+impl AttentionOp {
+    /// The op for `dm` with a `(batch, 1, seq, seq)` additive mask: the mask copied to a flat
+    /// f32 buffer, and for each block of query rows the last key any of them sees.
+    pub fn new(dm: Dims, mask: &Tensor) -> Result<Self> {
+        let (b, t) = (dm.b, dm.t);
+        if mask.dims() != [b, 1, t, t] {
+            bail!(
+                "attention: mask {:?} for batch {b} and seq {t}",
+                mask.dims()
+            );
+        }
+        let mask: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let nb = dm.blocks();
+        let mut key_end = vec![1usize; b * nb];
+        for bi in 0..b {
+            for blk in 0..nb {
+                let (r0, r1) = dm.rows(blk);
+                for r in r0..r1 {
+                    let row = &mask[(bi * t + r) * t..(bi * t + r + 1) * t];
+                    if let Some(j) = row.iter().rposition(|m| m.is_finite()) {
+                        key_end[bi * nb + blk] = key_end[bi * nb + blk].max(j + 1);
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            mask: Arc::new(mask),
+            key_end: Arc::new(key_end),
+            scale: 1.0 / (dm.d as f32).sqrt(),
+            dims: dm,
+        })
+    }
+
+    /// The same mask for other heads or another layout of the same batch and length.
+    pub fn with_dims(&self, dims: Dims) -> Self {
+        Self {
+            mask: self.mask.clone(),
+            key_end: self.key_end.clone(),
+            scale: 1.0 / (dims.d as f32).sqrt(),
+            dims,
+        }
+    }
+
+    /// The sizes this op was built for.
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+}
+
 /// Fused attention for f32 CPU tensors in `(batch, seq, heads, head_dim)` layout (`k`/`v` may
 /// have fewer heads, grouped-query style) with a `(batch, 1, seq, seq)` additive mask; output
 /// `(batch, seq, heads, head_dim)`. `None` when not applicable.
@@ -894,30 +1080,7 @@ pub fn attention_heads(
             v.dims()
         );
     }
-    if mask.dims() != [b, 1, t, t] {
-        bail!("attention: mask {:?} for q {:?}", mask.dims(), q.dims());
-    }
-    let mask: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let dm = Dims { b, t, nh, nkv, d };
-    let nb = dm.blocks();
-    let mut key_end = vec![1usize; b * nb];
-    for bi in 0..b {
-        for blk in 0..nb {
-            let (r0, r1) = dm.rows(blk);
-            for r in r0..r1 {
-                let row = &mask[(bi * t + r) * t..(bi * t + r + 1) * t];
-                if let Some(j) = row.iter().rposition(|m| m.is_finite()) {
-                    key_end[bi * nb + blk] = key_end[bi * nb + blk].max(j + 1);
-                }
-            }
-        }
-    }
-    let op = AttentionOp {
-        mask: Arc::new(mask),
-        key_end: Arc::new(key_end),
-        scale: 1.0 / (d as f32).sqrt(),
-        dims: dm,
-    };
+    let op = AttentionOp::new(Dims::dense(b, t, nh, nkv, d), mask)?;
     Ok(Some(q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -933,7 +1096,7 @@ pub fn attention_heads(
 struct SwiGlu;
 
 #[inline(always)]
-fn sigmoid(x: f32) -> f32 {
+pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
 }
 

@@ -1,0 +1,1044 @@
+//! A whole decoder layer as one autograd node, for LoRA training on f32 CPU tensors.
+//!
+//! candle's autograd pays for every edge of the graph: a zeroed gradient buffer and a
+//! single-threaded add per input, and every node keeps its inputs alive until the backward
+//! pass. A Llama-style layer built from the separate fused ops of [`super::ops`] still has a
+//! dozen such edges on `(tokens, hidden)`-sized tensors. Here the layer is one
+//! [`CustomOp3`] over the layer input and the layer's seven adapters packed into two flat
+//! vectors (A and B), and its backward pass is the chain rule written out below, step by step
+//! in the reverse order of the forward pass.
+//!
+//! Being one node also lets products share work: q, k and v are one product against their
+//! stacked merged weights `[Wq'; Wk'; Wv']`, and their rank-r updates one product of rank 3r;
+//! gate and up likewise. Attention reads q, k and v in place from that product's output.
+//!
+//! Kept for the backward pass: the normalised inputs of both blocks, the rotated q/k/v, the
+//! attention output, the mid-layer residual and the gate/up pre-activations (the attention
+//! probabilities and the SwiGLU output are recomputed). That is about two thirds of what the
+//! per-op graph keeps alive.
+
+use super::gemm::{par_filled, pool_threads, sgemm, sgemm_new, Mat};
+use super::lora::{LoraAdapter, LoraLinear};
+use super::ops::{
+    f32_slice, f32_storage, fused_f32, rms_norm_grad_row, rms_norm_row, rope_rows, sigmoid,
+    with_f32, AttentionOp, Dims, Shared, CHUNK,
+};
+use super::RmsNorm;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex, RwLockReadGuard};
+
+/// Tables every layer of one forward pass shares: the attention mask (with its per-block key
+/// ranges) and the rotary cos/sin of each position, as flat f32.
+pub(crate) struct LayerContext {
+    attn: AttentionOp,
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    b: usize,
+    t: usize,
+}
+
+impl LayerContext {
+    /// Builds the tables from the `(batch, 1, seq, seq)` mask and the `(batch, 1, seq,
+    /// head_dim / 2)` rotary tables of one forward pass.
+    pub fn new(mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let (b, _, t, _) = mask.dims4()?;
+        let table = |x: &Tensor| -> Result<Arc<Vec<f32>>> {
+            Ok(Arc::new(
+                x.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ))
+        };
+        Ok(Self {
+            attn: AttentionOp::new(Dims::dense(b, t, 1, 1, 1), mask)?,
+            cos: table(cos)?,
+            sin: table(sin)?,
+            b,
+            t,
+        })
+    }
+}
+
+/// The parts of one decoder layer the fused node needs, borrowed from the model.
+pub(crate) struct LayerRefs<'a> {
+    pub input_norm: &'a RmsNorm,
+    pub post_attention_norm: &'a RmsNorm,
+    /// `q, k, v, o, gate, up, down`, in that order.
+    pub proj: [&'a LoraLinear; 7],
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Projection indices in [`LayerRefs::proj`].
+const Q: usize = 0;
+const O: usize = 3;
+const GATE: usize = 4;
+const DOWN: usize = 6;
+
+/// Sizes of one layer and where each adapter sits in the packed A and B vectors.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    hidden: usize,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+    inter: usize,
+    /// The adapters' rank (all adapters of a layer share one config).
+    r: usize,
+    /// Which of the seven projections carry an adapter (PEFT `target_modules`).
+    adapted: [bool; 7],
+}
+
+impl Sizes {
+    fn q(&self) -> usize {
+        self.nh * self.d
+    }
+    fn kv(&self) -> usize {
+        self.nkv * self.d
+    }
+    /// Width of the stacked q/k/v projection.
+    fn qkv(&self) -> usize {
+        self.q() + 2 * self.kv()
+    }
+    /// `(in, out)` of projection `i`.
+    fn io(&self, i: usize) -> (usize, usize) {
+        let (h, q, kv, it) = (self.hidden, self.q(), self.kv(), self.inter);
+        [(h, q), (h, kv), (h, kv), (q, h), (h, it), (h, it), (it, h)][i]
+    }
+    /// Rank of projection `i`'s adapter, 0 without one.
+    fn rank(&self, i: usize) -> usize {
+        if self.adapted[i] {
+            self.r
+        } else {
+            0
+        }
+    }
+    /// Offset of projection `i`'s A `(r, in)` in the packed A vector.
+    fn a_at(&self, i: usize) -> usize {
+        (0..i).map(|j| self.rank(j) * self.io(j).0).sum()
+    }
+    /// Offset of projection `i`'s B `(out, r)` in the packed B vector.
+    fn b_at(&self, i: usize) -> usize {
+        (0..i).map(|j| self.io(j).1 * self.rank(j)).sum()
+    }
+}
+
+/// What the forward pass keeps for the backward pass.
+struct Saved {
+    /// `norm1(x)`, `(rows, hidden)`.
+    h1: Vec<f32>,
+    /// The q/k/v projection after the rotation of q and k, `(rows, qkv)`.
+    qkv: Vec<f32>,
+    /// The attention output, `(rows, nh * d)`.
+    y: Vec<f32>,
+    /// The residual stream after attention, `(rows, hidden)`.
+    x2: Vec<f32>,
+    /// `norm2(x2)`, `(rows, hidden)`.
+    h2: Vec<f32>,
+    /// Gate and up pre-activations side by side, `(rows, 2 * inter)`.
+    gu: Vec<f32>,
+}
+
+/// Merged weights `W + scale B A` of one call: q/k/v stacked `(qkv, hidden)`, o
+/// `(hidden, nh * d)`, gate/up stacked `(2 inter, hidden)`, down `(hidden, inter)`.
+struct Merged {
+    qkv: Vec<f32>,
+    o: Vec<f32>,
+    gu: Vec<f32>,
+    down: Vec<f32>,
+}
+
+/// The layer node. Frozen tensors are captured, so autograd never sees them.
+struct LayerOp {
+    ln: [Tensor; 2],
+    eps: [f32; 2],
+    w: [Tensor; 7],
+    bias: [Option<Tensor>; 7],
+    sizes: Sizes,
+    scale: f32,
+    attn: AttentionOp,
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    /// Whether to keep [`Saved`] for a backward pass (training) or drop it (evaluation).
+    save: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// A read guard on a contiguous f32 CPU tensor, from which its elements can be borrowed.
+struct View<'a>(RwLockReadGuard<'a, Storage>, &'a Layout);
+
+impl<'a> View<'a> {
+    fn of(t: &'a Tensor) -> Self {
+        let (g, l) = t.storage_and_layout();
+        Self(g, l)
+    }
+
+    fn get(&self) -> Result<&[f32]> {
+        match &*self.0 {
+            Storage::Cpu(s) => f32_slice(s, self.1),
+            _ => bail!("fused layer: CPU tensor required"),
+        }
+    }
+}
+
+/// `RMSNorm` of every row of `x` (row length `w.len()`), on the rayon pool.
+fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let step = n * (CHUNK / n).max(1);
+    par_filled(x.len(), step, |i, yc| {
+        let xc = &x[i * step..i * step + yc.len()];
+        for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+            rms_norm_row(xr, w, eps, |j, v| {
+                yr[j].write(v);
+            });
+        }
+    })
+}
+
+/// `dx += d norm(x) / dx * g` for every row.
+fn norm_grad_add(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+    let n = w.len();
+    let step = n * (CHUNK / n).max(1);
+    dx.par_chunks_mut(step)
+        .zip(x.par_chunks(step))
+        .zip(g.par_chunks(step))
+        .for_each(|((dc, xc), gc)| {
+            for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
+                rms_norm_grad_row(xr, gr, w, eps, |j, v| dr[j] += v);
+            }
+        });
+}
+
+/// Adds `bias` to columns `col..col + bias.len()` of every row (row stride `ld`).
+fn add_bias(y: &mut [f32], ld: usize, col: usize, bias: &[f32]) {
+    y.par_chunks_mut(ld).for_each(|row| {
+        for (v, b) in row[col..col + bias.len()].iter_mut().zip(bias) {
+            *v += b;
+        }
+    });
+}
+
+/// `silu(gate) * up` for rows holding `[gate | up]` (`2 * inter` wide).
+fn swiglu_rows(gu: &[f32], inter: usize) -> Vec<f32> {
+    let rows_per = (CHUNK / inter).max(1);
+    par_filled(gu.len() / 2, rows_per * inter, |i, out| {
+        let src = &gu[i * rows_per * 2 * inter..];
+        for (orow, row) in out.chunks_mut(inter).zip(src.chunks(2 * inter)) {
+            let (g, u) = row.split_at(inter);
+            for ((o, g), u) in orow.iter_mut().zip(g).zip(u) {
+                o.write(g * sigmoid(*g) * u);
+            }
+        }
+    })
+}
+
+/// Gradients of the gate and up pre-activations (`[dgate | dup]` rows) for the output
+/// gradient `g` `(rows, inter)` of [`swiglu_rows`].
+fn swiglu_grad_rows(gu: &[f32], g: &[f32], inter: usize) -> Vec<f32> {
+    let rows_per = (CHUNK / inter).max(1);
+    par_filled(gu.len(), rows_per * 2 * inter, |i, out| {
+        let start = i * rows_per;
+        let src = &gu[start * 2 * inter..];
+        let gs = &g[start * inter..];
+        for ((orow, row), grow) in out
+            .chunks_mut(2 * inter)
+            .zip(src.chunks(2 * inter))
+            .zip(gs.chunks(inter))
+        {
+            let (ga, up) = row.split_at(inter);
+            let (dg, du) = orow.split_at_mut(inter);
+            for j in 0..inter {
+                let s = sigmoid(ga[j]);
+                du[j].write(grow[j] * ga[j] * s);
+                dg[j].write(grow[j] * up[j] * s * (1.0 + ga[j] * (1.0 - s)));
+            }
+        }
+    })
+}
+
+/// LoRA gradients of adapters sharing the input `x` (`(rows, din)`): adapter `j` has
+/// `A_j` at rows `j r..(j+1) r` of `a` (stacked `(k r, din)`), and its output gradient is
+/// columns `parts[j] = (col, width)` of `g` (row stride `ldg`), with `B_j` `(width, r)` next in
+/// `b`. Writes `dA` (stacked like `a`) and `dB` (stacked like `b`):
+/// `u = x A^T`, `gu_j = scale g_j B_j`, `dA = gu^T x`, `dB_j = scale g_j^T u_j`.
+///
+/// These products are skinny (one side is the rank), and the GEMM gains little from a second
+/// thread on them, so they run single-threaded two at a time. `dB_j` is computed as its
+/// transpose `scale u_j^T g_j`, a shape the kernels handle twice as fast, and transposed back.
+#[allow(clippy::too_many_arguments)]
+fn adapter_grads(
+    x: Mat<'_>,
+    (rows, din, r, scale): (usize, usize, usize, f32),
+    g: &[f32],
+    ldg: usize,
+    parts: &[(usize, usize)],
+    a: &[f32],
+    b: &[f32],
+    da: &mut [f32],
+    db: &mut [f32],
+) {
+    let kr = parts.len() * r;
+    let g_at = |col: usize| Mat {
+        data: &g[col..],
+        ld: ldg,
+        trans: false,
+    };
+    let (u, gu) = rayon::join(
+        || sgemm_new(rows, kr, din, 1.0, x, Mat::new(a, din).t(), 1),
+        || {
+            let mut gu = vec![0f32; rows * kr];
+            let mut boff = 0;
+            for (j, &(col, width)) in parts.iter().enumerate() {
+                let bj = Mat::new(&b[boff * r..], r);
+                sgemm(
+                    rows,
+                    r,
+                    width,
+                    scale,
+                    g_at(col),
+                    bj,
+                    0.0,
+                    &mut gu[j * r..],
+                    kr,
+                    1,
+                );
+                boff += width;
+            }
+            gu
+        },
+    );
+    rayon::join(
+        || {
+            let gum = Mat {
+                data: &gu,
+                ld: kr,
+                trans: true,
+            };
+            sgemm(kr, din, rows, 1.0, gum, x, 0.0, da, din, 1);
+        },
+        || {
+            let mut boff = 0;
+            for (j, &(col, width)) in parts.iter().enumerate() {
+                let uj = Mat {
+                    data: &u[j * r..],
+                    ld: kr,
+                    trans: true,
+                };
+                let dbt = sgemm_new(r, width, rows, scale, uj, g_at(col), 1);
+                for (i, row) in db[boff * r..(boff + width) * r].chunks_mut(r).enumerate() {
+                    for (k, v) in row.iter_mut().enumerate() {
+                        *v = dbt[k * width + i];
+                    }
+                }
+                boff += width;
+            }
+        },
+    );
+}
+
+impl LayerOp {
+    /// Copies `W_i` of the projections `ids` into one stacked buffer and folds each
+    /// adapter in: rows of projection `i` become `W_i + scale B_i A_i`.
+    fn fold(&self, ids: &[usize], w: &[&[f32]], a: &[f32], b: &[f32]) -> Vec<f32> {
+        let (sz, th) = (self.sizes, pool_threads());
+        let din = sz.io(ids[0]).0;
+        let total: usize = ids.iter().map(|&i| sz.io(i).1).sum();
+        let mut m = Vec::with_capacity(total * din);
+        for &i in ids {
+            m.extend_from_slice(w[i]);
+        }
+        let mut row = 0;
+        for &i in ids {
+            let dout = sz.io(i).1;
+            if !sz.adapted[i] {
+                row += dout;
+                continue;
+            }
+            let bm = Mat::new(&b[sz.b_at(i)..], sz.r);
+            let am = Mat::new(&a[sz.a_at(i)..], din);
+            sgemm(
+                dout,
+                din,
+                sz.r,
+                self.scale,
+                bm,
+                am,
+                1.0,
+                &mut m[row * din..],
+                din,
+                th,
+            );
+            row += dout;
+        }
+        m
+    }
+
+    fn merged(&self, w: &[&[f32]], a: &[f32], b: &[f32]) -> Merged {
+        Merged {
+            qkv: self.fold(&[0, 1, 2], w, a, b),
+            o: self.fold(&[O], w, a, b),
+            gu: self.fold(&[GATE, GATE + 1], w, a, b),
+            down: self.fold(&[DOWN], w, a, b),
+        }
+    }
+
+    /// The attention op for the stacked q/k/v layout.
+    fn attention(&self) -> (AttentionOp, Dims) {
+        let sz = self.sizes;
+        let dm = Dims {
+            ldq: sz.qkv(),
+            ldkv: sz.qkv(),
+            ..Dims::dense(self.attn.dims().b, self.attn.dims().t, sz.nh, sz.nkv, sz.d)
+        };
+        (self.attn.with_dims(dm), dm)
+    }
+
+    /// Runs `f` on the frozen tensors' elements: the two norm weights, the seven weights and
+    /// the biases (stacked per product: q/k/v, o, gate/up, down).
+    fn with_frozen<R>(&self, f: impl FnOnce(&[&[f32]; 2], &[&[f32]], &Biases) -> R) -> Result<R> {
+        let ln: Vec<View> = self.ln.iter().map(View::of).collect();
+        let w: Vec<View> = self.w.iter().map(View::of).collect();
+        let ln = [ln[0].get()?, ln[1].get()?];
+        let w = w.iter().map(View::get).collect::<Result<Vec<_>>>()?;
+        let biases = Biases::new(&self.bias, &self.sizes)?;
+        Ok(f(&ln, &w, &biases))
+    }
+
+    /// The forward pass on raw buffers: the layer output and what the backward pass needs.
+    fn run(&self, x: &[f32], a: &[f32], b: &[f32]) -> Result<(Vec<f32>, Saved)> {
+        let sz = self.sizes;
+        let (hd, nq, nkv, n, inter) = (sz.hidden, sz.q(), sz.kv(), sz.qkv(), sz.inter);
+        let rows = x.len() / hd;
+        let th = pool_threads();
+        self.with_frozen(|ln, w, bias| {
+            let m = self.merged(w, a, b);
+            // Attention block: x2 = x + o(attention(rope(qkv(norm1(x))))).
+            let h1 = norm_rows(x, ln[0], self.eps[0]);
+            let mut qkv = sgemm_new(
+                rows,
+                n,
+                hd,
+                1.0,
+                Mat::new(&h1, hd),
+                Mat::new(&m.qkv, hd).t(),
+                th,
+            );
+            if let Some(bq) = &bias.qkv {
+                add_bias(&mut qkv, n, 0, bq);
+            }
+            rope_rows(
+                &mut qkv,
+                n,
+                sz.nh + sz.nkv,
+                sz.d / 2,
+                (&self.cos, &self.sin),
+                false,
+            );
+            let (attn, dm) = self.attention();
+            let y = attn.forward(&dm, &qkv, &qkv[nq..], &qkv[nq + nkv..]);
+            let mut x2 = x.to_vec();
+            sgemm(
+                rows,
+                hd,
+                nq,
+                1.0,
+                Mat::new(&y, nq),
+                Mat::new(&m.o, nq).t(),
+                1.0,
+                &mut x2,
+                hd,
+                th,
+            );
+            if let Some(bo) = &bias.o {
+                add_bias(&mut x2, hd, 0, bo);
+            }
+            // MLP block: out = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
+            let h2 = norm_rows(&x2, ln[1], self.eps[1]);
+            let mut gu = sgemm_new(
+                rows,
+                2 * inter,
+                hd,
+                1.0,
+                Mat::new(&h2, hd),
+                Mat::new(&m.gu, hd).t(),
+                th,
+            );
+            if let Some(bg) = &bias.gu {
+                add_bias(&mut gu, 2 * inter, 0, bg);
+            }
+            let act = swiglu_rows(&gu, inter);
+            let mut out = x2.clone();
+            sgemm(
+                rows,
+                hd,
+                inter,
+                1.0,
+                Mat::new(&act, inter),
+                Mat::new(&m.down, inter).t(),
+                1.0,
+                &mut out,
+                hd,
+                th,
+            );
+            if let Some(bd) = &bias.down {
+                add_bias(&mut out, hd, 0, bd);
+            }
+            (
+                out,
+                Saved {
+                    h1,
+                    qkv,
+                    y,
+                    x2,
+                    h2,
+                    gu,
+                },
+            )
+        })
+    }
+
+    /// The backward pass: `(dx, dA, dB)` for the output gradient `g`.
+    fn backward(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        g: &[f32],
+        saved: Saved,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let sz = self.sizes;
+        let (hd, nq, nkv, n, inter, r) = (sz.hidden, sz.q(), sz.kv(), sz.qkv(), sz.inter, sz.r);
+        let rows = x.len() / hd;
+        let (th, s) = (pool_threads(), self.scale);
+        let Saved {
+            h1,
+            qkv,
+            y,
+            x2,
+            h2,
+            gu,
+        } = saved;
+        self.with_frozen(|ln, w, _| {
+            let m = self.merged(w, a, b);
+            let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; b.len()]);
+            // The adapters of projections `ids` (output columns `cols` of `g`) with input `x`.
+            let mut grads = |x: Mat<'_>,
+                             din: usize,
+                             g: &[f32],
+                             ldg: usize,
+                             ids: &[usize],
+                             cols: &[(usize, usize)]| {
+                let parts: Vec<(usize, usize)> = ids
+                    .iter()
+                    .zip(cols)
+                    .filter(|(&i, _)| sz.adapted[i])
+                    .map(|(_, &c)| c)
+                    .collect();
+                if !parts.is_empty() {
+                    let (at, bt) = (sz.a_at(ids[0]), sz.b_at(ids[0]));
+                    let (da, db) = (&mut da[at..], &mut db[bt..]);
+                    adapter_grads(
+                        x,
+                        (rows, din, r, s),
+                        g,
+                        ldg,
+                        &parts,
+                        &a[at..],
+                        &b[bt..],
+                        da,
+                        db,
+                    );
+                }
+            };
+
+            // down: out = x2 + act Wd'^T, so d act = g Wd'.
+            let act = swiglu_rows(&gu, inter);
+            let dact = sgemm_new(
+                rows,
+                inter,
+                hd,
+                1.0,
+                Mat::new(g, hd),
+                Mat::new(&m.down, inter),
+                th,
+            );
+            grads(Mat::new(&act, inter), inter, g, hd, &[DOWN], &[(0, hd)]);
+            drop(act);
+            // SwiGLU, then gate/up: d h2 = [dgate | dup] [Wg'; Wu'].
+            let dgu = swiglu_grad_rows(&gu, &dact, inter);
+            drop((dact, gu));
+            let dh2 = sgemm_new(
+                rows,
+                hd,
+                2 * inter,
+                1.0,
+                Mat::new(&dgu, 2 * inter),
+                Mat::new(&m.gu, hd),
+                th,
+            );
+            let gate_up = [(0, inter), (inter, inter)];
+            grads(
+                Mat::new(&h2, hd),
+                hd,
+                &dgu,
+                2 * inter,
+                &[GATE, GATE + 1],
+                &gate_up,
+            );
+            drop((dgu, h2));
+            // norm2 and the residual: d x2 = g + d norm2(x2) / d x2 * d h2.
+            let mut dres = g.to_vec();
+            norm_grad_add(&x2, &dh2, ln[1], self.eps[1], &mut dres);
+            drop((dh2, x2));
+            // o: x2 = x + y Wo'^T, so d y = d x2 Wo'.
+            let dy = sgemm_new(
+                rows,
+                nq,
+                hd,
+                1.0,
+                Mat::new(&dres, hd),
+                Mat::new(&m.o, nq),
+                th,
+            );
+            grads(Mat::new(&y, nq), nq, &dres, hd, &[O], &[(0, hd)]);
+            drop(y);
+            // Attention into one stacked d qkv buffer (dK and dV accumulate: zeroed first),
+            // then the inverse rotation of dq and dk.
+            let mut dqkv = vec![0f32; rows * n];
+            let (attn, dm) = self.attention();
+            let p = dqkv.as_mut_ptr();
+            // SAFETY: dq, dk and dv are the disjoint column ranges [0, nq), [nq, nq + nkv)
+            // and [nq + nkv, n) of the rows of `dqkv`, laid out as `dm` says; nothing else
+            // touches `dqkv` during the call.
+            unsafe {
+                attn.backward_into(
+                    &dm,
+                    &qkv,
+                    &qkv[nq..],
+                    &qkv[nq + nkv..],
+                    &dy,
+                    Shared(p),
+                    Shared(p.add(nq)),
+                    Shared(p.add(nq + nkv)),
+                );
+            }
+            drop((dy, qkv));
+            rope_rows(
+                &mut dqkv,
+                n,
+                sz.nh + sz.nkv,
+                sz.d / 2,
+                (&self.cos, &self.sin),
+                true,
+            );
+            // q/k/v: d h1 = d qkv [Wq'; Wk'; Wv'].
+            let dh1 = sgemm_new(
+                rows,
+                hd,
+                n,
+                1.0,
+                Mat::new(&dqkv, n),
+                Mat::new(&m.qkv, hd),
+                th,
+            );
+            let qkv_cols = [(0, nq), (nq, nkv), (nq + nkv, nkv)];
+            grads(
+                Mat::new(&h1, hd),
+                hd,
+                &dqkv,
+                n,
+                &[Q, Q + 1, Q + 2],
+                &qkv_cols,
+            );
+            // norm1 and the residual: d x = d x2 + d norm1(x) / d x * d h1.
+            norm_grad_add(x, &dh1, ln[0], self.eps[0], &mut dres);
+            (dres, da, db)
+        })
+    }
+}
+
+/// The frozen biases as flat buffers, stacked like the products they follow.
+struct Biases {
+    qkv: Option<Vec<f32>>,
+    o: Option<Vec<f32>>,
+    gu: Option<Vec<f32>>,
+    down: Option<Vec<f32>>,
+}
+
+impl Biases {
+    fn new(bias: &[Option<Tensor>; 7], sz: &Sizes) -> Result<Self> {
+        // A missing bias in a stacked product is a run of zeros.
+        let stack = |ids: &[usize]| -> Result<Option<Vec<f32>>> {
+            if ids.iter().all(|&i| bias[i].is_none()) {
+                return Ok(None);
+            }
+            let mut v = Vec::new();
+            for &i in ids {
+                match &bias[i] {
+                    Some(t) => v.extend(t.flatten_all()?.to_vec1::<f32>()?),
+                    None => v.extend(std::iter::repeat_n(0.0, sz.io(i).1)),
+                }
+            }
+            Ok(Some(v))
+        };
+        Ok(Self {
+            qkv: stack(&[0, 1, 2])?,
+            o: stack(&[O])?,
+            gu: stack(&[GATE, GATE + 1])?,
+            down: stack(&[DOWN])?,
+        })
+    }
+}
+
+impl CustomOp3 for LayerOp {
+    fn name(&self) -> &'static str {
+        "decoder-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let (out, saved) = self.run(x, a, b)?;
+        if self.save {
+            if let Ok(mut slot) = self.saved.lock() {
+                *slot = Some(saved);
+            }
+        }
+        Ok(f32_storage(out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, da, db) = with_f32(x, |xv| {
+            with_f32(a, |av| {
+                with_f32(b, |bv| {
+                    with_f32(g, |gv| -> Result<_> {
+                        let kept = self.saved.lock().ok().and_then(|mut s| s.take());
+                        let saved = match kept {
+                            Some(s) => s,
+                            None => self.run(xv, av, bv)?.1,
+                        };
+                        self.backward(xv, av, bv, gv, saved)
+                    })
+                })
+            })
+        })?????;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(da, a.shape(), dev)?),
+            Some(Tensor::from_vec(db, b.shape(), dev)?),
+        ))
+    }
+}
+
+/// The decoder layer `x + attn(norm1(x))`, then `+ mlp(norm2(.))`, as one node, when it
+/// applies: f32 CPU tensors, the adapters (on any subset of the seven projections, or none)
+/// of one rank and scale, and no adapter dropout in play. `None` otherwise (the caller runs
+/// the per-op path).
+pub(crate) fn decoder_layer(
+    x: &Tensor,
+    layer: &LayerRefs<'_>,
+    ctx: &LayerContext,
+    train: bool,
+) -> Result<Option<Tensor>> {
+    let adapters: Vec<_> = layer.proj.iter().filter_map(|p| p.adapter()).collect();
+    let rank = |a: &LoraAdapter| a.lora_a.dim(0).ok();
+    let first = adapters.first();
+    let uniform = adapters.iter().all(|a| {
+        first.is_some_and(|f| a.scale == f.scale && rank(a) == rank(f))
+            && !(train && a.dropout > 0.0)
+    });
+    let mut weights: Vec<&Tensor> = layer.proj.iter().map(|p| p.weight()).collect();
+    weights.extend([
+        layer.input_norm.weight(),
+        layer.post_attention_norm.weight(),
+    ]);
+    if !uniform || !fused_f32(&[x]) || !fused_f32(&weights) {
+        return Ok(None);
+    }
+    let (b, t, hidden) = x.dims3()?;
+    if (b, t) != (ctx.b, ctx.t) {
+        bail!(
+            "fused layer: input {:?} for a context of ({}, {})",
+            x.dims(),
+            ctx.b,
+            ctx.t
+        );
+    }
+    let sizes = Sizes {
+        hidden,
+        nh: layer.num_heads,
+        nkv: layer.num_kv_heads,
+        d: layer.head_dim,
+        inter: layer.proj[GATE].weight().dim(0)?,
+        r: first.and_then(|a| rank(a)).unwrap_or(0),
+        adapted: std::array::from_fn(|i| layer.proj[i].adapter().is_some()),
+    };
+    for (i, p) in layer.proj.iter().enumerate() {
+        let (din, dout) = sizes.io(i);
+        if p.weight().dims() != [dout, din] {
+            bail!(
+                "fused layer: projection {i} weight {:?}, expected ({dout}, {din})",
+                p.weight().dims()
+            );
+        }
+    }
+    let flat = |f: fn(&LoraAdapter) -> &Tensor| -> Result<Tensor> {
+        if adapters.is_empty() {
+            return Tensor::zeros(0, candle_core::DType::F32, x.device());
+        }
+        let parts = adapters
+            .iter()
+            .map(|a| f(a).flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    };
+    let mut w = Vec::with_capacity(7);
+    for p in &layer.proj {
+        w.push(p.weight().contiguous()?.detach());
+    }
+    let w: [Tensor; 7] = w
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("fused layer: seven weights".into()))?;
+    let a = flat(|a| &a.lora_a)?;
+    let bm = flat(|a| &a.lora_b)?;
+    let op = LayerOp {
+        ln: [
+            layer.input_norm.weight().contiguous()?,
+            layer.post_attention_norm.weight().contiguous()?,
+        ],
+        eps: [
+            layer.input_norm.eps() as f32,
+            layer.post_attention_norm.eps() as f32,
+        ],
+        w,
+        bias: std::array::from_fn(|i| layer.proj[i].bias().map(Tensor::detach)),
+        sizes,
+        scale: first.map_or(1.0, |a| a.scale as f32),
+        attn: ctx.attn.clone(),
+        cos: ctx.cos.clone(),
+        sin: ctx.sin.clone(),
+        save: train,
+        saved: Mutex::new(None),
+    };
+    Ok(Some(x.contiguous()?.apply_op3(&a, &bm, op)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::llama::{DecoderLayer, LayerInputs};
+    use crate::model::lora::{LoraConfig, LoraVarBuilder, ALL_TARGET_MODULES};
+    use crate::model::{Config, Packing, RotaryEmbedding};
+    use candle_core::{DType, Device, Var};
+    use candle_nn::{VarBuilder, VarMap};
+    use std::collections::HashMap;
+
+    const HIDDEN: usize = 16;
+    const HEADS: usize = 4;
+    const KV_HEADS: usize = 2;
+    const FFN: usize = 24;
+
+    fn config(model_type: &str) -> Config {
+        serde_json::from_value(serde_json::json!({
+            "model_type": model_type, "hidden_size": HIDDEN, "intermediate_size": FFN,
+            "num_hidden_layers": 1, "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 128, "vocab_size": 8,
+        }))
+        .expect("config")
+    }
+
+    /// A layer with random weights (and biases where asked) and random adapters, B included,
+    /// so every adapter contributes to the output.
+    fn layer(
+        cfg: &Config,
+        qkv_bias: bool,
+        o_bias: bool,
+        targets: &[&str],
+    ) -> Result<(DecoderLayer, VarMap)> {
+        let dev = Device::Cpu;
+        let d = cfg.head_dim();
+        let (q, kv) = (HEADS * d, KV_HEADS * d);
+        let mut w = HashMap::new();
+        let mut put = |name: &str, shape: &[usize], std: f32, mean: f32| -> Result<()> {
+            w.insert(
+                name.to_string(),
+                (Tensor::randn(0f32, std, shape, &dev)? + f64::from(mean))?,
+            );
+            Ok(())
+        };
+        for (name, out, inp) in [
+            ("self_attn.q_proj", q, HIDDEN),
+            ("self_attn.k_proj", kv, HIDDEN),
+            ("self_attn.v_proj", kv, HIDDEN),
+            ("self_attn.o_proj", HIDDEN, q),
+            ("mlp.gate_proj", FFN, HIDDEN),
+            ("mlp.up_proj", FFN, HIDDEN),
+            ("mlp.down_proj", HIDDEN, FFN),
+        ] {
+            put(&format!("{name}.weight"), &[out, inp], 0.3, 0.0)?;
+            let biased = if name.ends_with("o_proj") {
+                o_bias
+            } else {
+                qkv_bias
+            };
+            if biased && name.starts_with("self_attn") {
+                put(&format!("{name}.bias"), &[out], 0.5, 0.0)?;
+            }
+        }
+        put("input_layernorm.weight", &[HIDDEN], 0.1, 1.0)?;
+        put("post_attention_layernorm.weight", &[HIDDEN], 0.1, 1.0)?;
+        let varmap = VarMap::new();
+        let lora = LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: targets.iter().map(|s| s.to_string()).collect(),
+            base_model_name_or_path: "test".into(),
+        };
+        let vb = VarBuilder::from_tensors(w, DType::F32, &dev);
+        let vb = LoraVarBuilder::with_lora(vb, &varmap, lora).expect("lora builder");
+        let layer = DecoderLayer::with_biases(vb, cfg, qkv_bias, o_bias).expect("layer");
+        for (name, var) in varmap.data().lock().expect("varmap").iter() {
+            if name.contains("lora_B") {
+                var.set(&Tensor::randn(0f32, 0.3, var.shape(), &dev)?)?;
+            }
+        }
+        Ok((layer, varmap))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// The fused node agrees with the per-op path (itself checked against candle autograd)
+    /// on the output and on the gradients of the input and of all fourteen adapter tensors:
+    /// two packed rows of several query blocks, grouped-query heads, with and without biases.
+    fn fused_matches_per_op(
+        model_type: &str,
+        qkv_bias: bool,
+        o_bias: bool,
+        targets: &[&str],
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = config(model_type);
+        let (layer, varmap) = layer(&cfg, qkv_bias, o_bias, targets)?;
+        let t = 70;
+        let segments: Vec<Vec<u32>> = vec![
+            (0..t).map(|i| u32::from(i >= 45)).collect(),
+            (0..t).map(|i| (i / 20) as u32).collect(),
+        ];
+        let packing = Packing::from_segments(&segments, None, &dev).expect("packing");
+        let rotary = RotaryEmbedding::new(&cfg, &dev).expect("rotary");
+        let (cos, sin) = rotary
+            .tables(&packing.position_ids, DType::F32)
+            .expect("tables");
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, t, HIDDEN), &dev)?)?;
+        let upstream = Tensor::randn(0f32, 1.0, (2, t, HIDDEN), &dev)?;
+        let run = |fused: bool| -> Result<(Tensor, candle_core::backprop::GradStore)> {
+            let inputs = LayerInputs {
+                cos: &cos,
+                sin: &sin,
+                mask: &packing.mask,
+                fused: if fused {
+                    Some(LayerContext::new(&packing.mask, &cos, &sin)?)
+                } else {
+                    None
+                },
+                train: true,
+            };
+            let y = if fused {
+                let ctx = inputs.fused.as_ref().expect("context");
+                decoder_layer(x.as_tensor(), &layer.refs(), ctx, true)?
+                    .expect("the fused node applies")
+            } else {
+                layer
+                    .forward(x.as_tensor(), &inputs)
+                    .expect("per-op forward")
+            };
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            Ok((y, grads))
+        };
+        let (yf, gf) = run(true)?;
+        let (yr, gr) = run(false)?;
+        assert!(max_diff(&yf, &yr)? < 1e-4, "outputs differ");
+        let grad = |g: &candle_core::backprop::GradStore, t: &Tensor| {
+            g.get(t).cloned().expect("gradient present")
+        };
+        let dx = max_diff(&grad(&gf, x.as_tensor()), &grad(&gr, x.as_tensor()))?;
+        assert!(dx < 1e-3, "input gradients differ by {dx}");
+        let vars = varmap.data().lock().expect("varmap").clone();
+        assert_eq!(vars.len(), 2 * targets.len());
+        for (name, var) in &vars {
+            let (a, b) = (grad(&gf, var.as_tensor()), grad(&gr, var.as_tensor()));
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+            let diff = max_diff(&a, &b)?;
+            assert!(diff < 1e-3 * scale, "{name}: gradients differ by {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn fused_layer_matches_per_op_llama() -> Result<()> {
+        fused_matches_per_op("llama", false, false, &ALL_TARGET_MODULES)
+    }
+
+    #[test]
+    fn fused_layer_matches_per_op_with_biases() -> Result<()> {
+        fused_matches_per_op("qwen2", true, false, &ALL_TARGET_MODULES)?;
+        fused_matches_per_op("llama", true, true, &ALL_TARGET_MODULES)
+    }
+
+    /// Adapters on a subset of the projections (PEFT's Llama default, and one with a gap in
+    /// each stacked group), and none at all.
+    #[test]
+    fn fused_layer_matches_per_op_on_target_subsets() -> Result<()> {
+        fused_matches_per_op("llama", false, false, &["q_proj", "v_proj"])?;
+        fused_matches_per_op("qwen2", true, false, &["k_proj", "up_proj", "down_proj"])?;
+        fused_matches_per_op("llama", false, false, &[])
+    }
+
+    /// Without a saved forward state (evaluation mode), the backward pass recomputes it.
+    #[test]
+    fn fused_layer_backward_without_saved_state() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = config("llama");
+        let (layer, _varmap) = layer(&cfg, false, false, &ALL_TARGET_MODULES)?;
+        let packing = Packing::causal(1, 40, &dev).expect("packing");
+        let rotary = RotaryEmbedding::new(&cfg, &dev).expect("rotary");
+        let (cos, sin) = rotary
+            .tables(&packing.position_ids, DType::F32)
+            .expect("tables");
+        let ctx = LayerContext::new(&packing.mask, &cos, &sin)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 40, HIDDEN), &dev)?)?;
+        let kept = decoder_layer(x.as_tensor(), &layer.refs(), &ctx, true)?.expect("fused");
+        let lost = decoder_layer(x.as_tensor(), &layer.refs(), &ctx, false)?.expect("fused");
+        assert_eq!(max_diff(&kept, &lost)?, 0.0);
+        let gk = kept.sum_all()?.backward()?;
+        let gl = lost.sum_all()?.backward()?;
+        let (a, b) = (gk.get(x.as_tensor()), gl.get(x.as_tensor()));
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("missing input gradient");
+        };
+        assert_eq!(max_diff(a, b)?, 0.0);
+        Ok(())
+    }
+}
