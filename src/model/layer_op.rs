@@ -133,6 +133,8 @@ struct Saved {
     qkv: Vec<f32>,
     /// The attention output, `(rows, nh * d)`.
     y: Vec<f32>,
+    /// The log-sum-exp of every attention score row, `(b, nh, t)`.
+    lse: Vec<f32>,
     /// The residual stream after attention, `(rows, hidden)`.
     x2: Vec<f32>,
     /// `norm2(x2)`, `(rows, hidden)`.
@@ -437,7 +439,7 @@ impl LayerOp {
                 false,
             );
             let (attn, dm) = self.attention();
-            let y = attn.forward(&dm, &qkv, &qkv[nq..], &qkv[nq + nkv..]);
+            let (y, lse) = attn.forward(&dm, &qkv, &qkv[nq..], &qkv[nq + nkv..]);
             let mut x2 = x.to_vec();
             sgemm(
                 rows,
@@ -491,6 +493,7 @@ impl LayerOp {
                     h1,
                     qkv,
                     y,
+                    lse,
                     x2,
                     h2,
                     gu,
@@ -516,6 +519,7 @@ impl LayerOp {
             h1,
             qkv,
             y,
+            lse,
             x2,
             h2,
             gu,
@@ -619,6 +623,7 @@ impl LayerOp {
                     &qkv[nq..],
                     &qkv[nq + nkv..],
                     &dy,
+                    Some(&lse),
                     Shared(p),
                     Shared(p.add(nq)),
                     Shared(p.add(nq + nkv)),
@@ -938,6 +943,18 @@ mod tests {
         o_bias: bool,
         targets: &[&str],
     ) -> Result<()> {
+        fused_matches_per_op_masked(model_type, qkv_bias, o_bias, targets, false)
+    }
+
+    /// As above; `holes` also masks scattered earlier keys, so that the allowed keys of a
+    /// row are no longer one run (the attention's general-mask path).
+    fn fused_matches_per_op_masked(
+        model_type: &str,
+        qkv_bias: bool,
+        o_bias: bool,
+        targets: &[&str],
+        holes: bool,
+    ) -> Result<()> {
         let dev = Device::Cpu;
         let cfg = config(model_type);
         let (layer, varmap) = layer(&cfg, qkv_bias, o_bias, targets)?;
@@ -946,7 +963,17 @@ mod tests {
             (0..t).map(|i| u32::from(i >= 45)).collect(),
             (0..t).map(|i| (i / 20) as u32).collect(),
         ];
-        let packing = Packing::from_segments(&segments, None, &dev).expect("packing");
+        let mut packing = Packing::from_segments(&segments, None, &dev).expect("packing");
+        if holes {
+            let mut m = packing.mask.flatten_all()?.to_vec1::<f32>()?;
+            for (idx, v) in m.iter_mut().enumerate() {
+                let (i, j) = ((idx / t) % t, idx % t);
+                if j < i && (i + j) % 3 == 0 {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            packing.mask = Tensor::from_vec(m, (2, 1, t, t), &dev)?;
+        }
         let rotary = RotaryEmbedding::new(&cfg, &dev).expect("rotary");
         let (cos, sin) = rotary
             .tables(&packing.position_ids, DType::F32)
@@ -1005,6 +1032,11 @@ mod tests {
     fn fused_layer_matches_per_op_with_biases() -> Result<()> {
         fused_matches_per_op("qwen2", true, false, &ALL_TARGET_MODULES)?;
         fused_matches_per_op("llama", true, true, &ALL_TARGET_MODULES)
+    }
+
+    #[test]
+    fn fused_layer_matches_per_op_with_a_general_mask() -> Result<()> {
+        fused_matches_per_op_masked("llama", false, false, &ALL_TARGET_MODULES, true)
     }
 
     /// Adapters on a subset of the projections (PEFT's Llama default, and one with a gap in

@@ -154,16 +154,29 @@ fn max_of(xs: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
-/// `row = softmax(row + mask)` in place.
-fn softmax_masked(row: &mut [f32], mask: &[f32]) {
+/// `row = softmax(row + mask)` in place; returns [`softmax_in_place`]'s `(max, sum)`.
+fn softmax_masked(row: &mut [f32], mask: &[f32]) -> (f32, f32) {
     for (v, m) in row.iter_mut().zip(mask) {
         *v += m;
     }
-    softmax_in_place(row);
+    softmax_in_place(row)
+}
+
+/// `row = exp(row - shift)` in place (probabilities from a saved log-sum-exp).
+fn exp_shifted(row: &mut [f32], shift: f32) {
+    for v in row.iter_mut() {
+        *v = fast_exp(*v - shift);
+    }
 }
 
 /// `row = softmax(row)` in place; returns `(max, sum of exp(row - max))`.
 pub(crate) fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
+    softmax_scaled(row, 1.0)
+}
+
+/// `row = k * softmax(row)` in place (a scale folded into the normalisation pass); returns
+/// `(max, sum of exp(row - max))`.
+pub(crate) fn softmax_scaled(row: &mut [f32], k: f32) -> (f32, f32) {
     let max = max_of(row);
     let mut acc = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
@@ -179,7 +192,7 @@ pub(crate) fn softmax_in_place(row: &mut [f32]) -> (f32, f32) {
         z += *v;
     }
     let z = z + acc.iter().sum::<f32>();
-    let iz = 1.0 / z;
+    let iz = k / z;
     row.iter_mut().for_each(|v| *v *= iz);
     (max, z)
 }
@@ -619,6 +632,10 @@ pub(crate) struct AttentionOp {
     mask: Arc<Vec<f32>>,
     /// Per (batch, query block): keys past this column are masked for every row of the block.
     key_end: Arc<Vec<usize>>,
+    /// Per (batch, query row): the keys `lo..hi` the mask allows, when every row's allowed
+    /// keys are one contiguous run (causal and packed masks are); `None` for other masks.
+    /// The softmax then skips the masked keys instead of adding `-inf` to them.
+    spans: Option<Arc<Vec<(u32, u32)>>>,
     scale: f32,
     /// Sizes, fixed when the op is built (the inputs may be 3-D or 4-D views of them).
     dims: Dims,
@@ -747,20 +764,25 @@ impl AttentionOp {
 
     /// Probabilities of the gathered queries `qs` (`(rep * rows, d)`, see [`Self::gather`])
     /// of batch `bi` and kv head `kh` over keys `0..ke`, written to `p` (row stride `ke`).
+    ///
+    /// Without `lse` the rows are normalised here and each row's log-sum-exp is passed to
+    /// `keep(idx, lse)` (row `idx` of the gathered matrix); with the forward pass's `lse`
+    /// (indexed like [`Self::lse_at`]) each probability is one `exp(s - lse)`.
     #[allow(clippy::too_many_arguments)]
     fn probs(
         &self,
         dm: &Dims,
         qs: &[f32],
         k: &[f32],
-        bi: usize,
-        kh: usize,
+        (bi, kh): (usize, usize),
         (r0, r1): (usize, usize),
         ke: usize,
         p: &mut [f32],
+        lse: Option<&[f32]>,
+        mut keep: impl FnMut(usize, f32),
     ) {
-        let (t, d, rows) = (dm.t, dm.d, r1 - r0);
-        let n = (dm.nh / dm.nkv) * rows;
+        let (t, d, rows, rep) = (dm.t, dm.d, r1 - r0, dm.nh / dm.nkv);
+        let n = rep * rows;
         let km = Mat {
             data: &k[dm.kv_at(bi, kh)..],
             ld: dm.ldkv,
@@ -768,22 +790,60 @@ impl AttentionOp {
         };
         sgemm(n, ke, d, self.scale, Mat::new(qs, d), km, 0.0, p, ke, 1);
         for (idx, row) in p[..n * ke].chunks_mut(ke).enumerate() {
-            let m0 = (bi * t + r0 + idx % rows) * t;
-            softmax_masked(row, &self.mask[m0..m0 + ke]);
+            let r = r0 + idx % rows;
+            let m0 = (bi * t + r) * t;
+            let at = self.lse_at(dm, bi, kh * rep + idx / rows, r);
+            match (&self.spans, lse) {
+                (Some(spans), lse) => {
+                    let (lo, hi) = spans[bi * t + r];
+                    let (lo, hi) = (lo as usize, (hi as usize).min(ke));
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    let live = &mut row[lo..hi];
+                    match lse {
+                        Some(l) => exp_shifted(live, l[at]),
+                        None => {
+                            let (max, z) = softmax_in_place(live);
+                            keep(idx, max + z.ln());
+                        }
+                    }
+                }
+                (None, Some(l)) => {
+                    for (v, m) in row.iter_mut().zip(&self.mask[m0..m0 + ke]) {
+                        *v += m;
+                    }
+                    exp_shifted(row, l[at]);
+                }
+                (None, None) => {
+                    let (max, z) = softmax_masked(row, &self.mask[m0..m0 + ke]);
+                    keep(idx, max + z.ln());
+                }
+            }
         }
     }
 
+    /// Index of (batch `bi`, query head `h`, row `r`) in a log-sum-exp buffer
+    /// `(b, nh, t)`.
+    fn lse_at(&self, dm: &Dims, bi: usize, h: usize, r: usize) -> usize {
+        (bi * dm.nh + h) * dm.t + r
+    }
+
     /// The attention output `(b, t, nh * d)` for queries, keys and values laid out as `dm`
-    /// says (`k` and `v` start at their first head, and may be slices of one buffer).
-    pub fn forward(&self, dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    /// says (`k` and `v` start at their first head, and may be slices of one buffer), and
+    /// the log-sum-exp of every score row `(b, nh, t)`, which spares the backward pass the
+    /// max and normalisation passes of its softmax.
+    pub fn forward(&self, dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (nkv, d) = (dm.nkv, dm.d);
         let rep = dm.nh / nkv;
         let nb = dm.blocks();
         // Every (batch, head, query row) is written once, by the task of its block: the
-        // buffer needs no zeroing.
+        // buffers need no zeroing.
         let len = dm.b * dm.t * dm.nh * d;
         let mut o: Vec<f32> = Vec::with_capacity(len);
         let out = Shared(o.as_mut_ptr());
+        let lse_len = dm.b * dm.nh * dm.t;
+        let mut lse: Vec<f32> = Vec::with_capacity(lse_len);
+        let lse_out = Shared(lse.as_mut_ptr());
         (0..dm.b * nkv * nb).into_par_iter().for_each(|task| {
             let (bi, kh, blk) = (task / (nkv * nb), (task / nb) % nkv, task % nb);
             let rows = dm.rows(blk);
@@ -792,7 +852,14 @@ impl AttentionOp {
             let mut qs = vec![0f32; n * d];
             self.gather(dm, q, dm.ldq, bi, kh, rows, &mut qs);
             let mut p = vec![0f32; n * ke];
-            self.probs(dm, &qs, k, bi, kh, rows, ke, &mut p);
+            let nr = rows.1 - rows.0;
+            let keep = |idx: usize, l: f32| {
+                let at = self.lse_at(dm, bi, kh * rep + idx / nr, rows.0 + idx % nr);
+                // SAFETY: rows `rows` of the heads of group kh belong to this task alone, and
+                // `at` is inside the (b, nh, t) buffer.
+                unsafe { *lse_out.ptr().add(at) = l };
+            };
+            self.probs(dm, &qs, k, (bi, kh), rows, ke, &mut p, None, keep);
             let vm = Mat {
                 data: &v[dm.kv_at(bi, kh)..],
                 ld: dm.ldkv,
@@ -802,14 +869,19 @@ impl AttentionOp {
             // SAFETY: rows `rows` of the heads of group kh belong to this task alone.
             unsafe { self.scatter(dm, &os, dm.ldo(), bi, kh, rows, out) };
         });
-        // SAFETY: the loop above wrote all `len` elements (see the comment at the top).
-        unsafe { o.set_len(len) };
-        o
+        // SAFETY: the loop above wrote all `len` and `lse_len` elements (see the comment at
+        // the top).
+        unsafe {
+            o.set_len(len);
+            lse.set_len(lse_len);
+        }
+        (o, lse)
     }
 
     /// Gradients of [`Self::forward`] for the output gradient `g` `(b, t, nh * d)`: dQ is
     /// written to `dq` (every element of the query heads, row stride `dm.ldq`); dK and dV are
-    /// added to `dk` and `dv` (row stride `dm.ldkv`), which the caller zeroes first.
+    /// added to `dk` and `dv` (row stride `dm.ldkv`), which the caller zeroes first. `lse` is
+    /// the forward pass's log-sum-exp, or `None` to recompute the softmax in full.
     ///
     /// # Safety
     /// `dq`, `dk` and `dv` must point to buffers laid out as `dm` says, which nothing else
@@ -822,6 +894,7 @@ impl AttentionOp {
         k: &[f32],
         v: &[f32],
         g: &[f32],
+        lse: Option<&[f32]>,
         dq: Shared,
         dk: Shared,
         dv: Shared,
@@ -846,7 +919,7 @@ impl AttentionOp {
                 let (p, dp) = (&mut p[..n * ke], &mut dp[..n * ke]);
                 self.gather(dm, q, dm.ldq, bi, kh, rows, qs);
                 self.gather(dm, g, dm.ldo(), bi, kh, rows, gs);
-                self.probs(dm, qs, k, bi, kh, rows, ke, p);
+                self.probs(dm, qs, k, (bi, kh), rows, ke, p, lse, |_, _| {});
                 // dP = dO V^T.
                 let vm = Mat {
                     data: &v[kv..],
@@ -927,6 +1000,7 @@ impl AttentionOp {
                 k,
                 v,
                 g,
+                None,
                 Shared(dq.as_mut_ptr()),
                 Shared(dk.as_mut_ptr()),
                 Shared(dv.as_mut_ptr()),
@@ -952,7 +1026,7 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dm = self.dims;
-        let o = self.forward(
+        let (o, _) = self.forward(
             &dm,
             f32_slice(s1, l1)?,
             f32_slice(s2, l2)?,
@@ -1009,9 +1083,23 @@ impl AttentionOp {
                 }
             }
         }
+        let spans = (0..b * t)
+            .map(|row| {
+                let m = &mask[row * t..(row + 1) * t];
+                let lo = m.iter().position(|v| *v == 0.0)?;
+                let hi = lo + m[lo..].iter().take_while(|v| **v == 0.0).count();
+                let rest_masked = m[..lo]
+                    .iter()
+                    .chain(&m[hi..])
+                    .all(|v| *v == f32::NEG_INFINITY);
+                rest_masked.then_some((lo as u32, hi as u32))
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(Arc::new);
         Ok(Self {
             mask: Arc::new(mask),
             key_end: Arc::new(key_end),
+            spans,
             scale: 1.0 / (dm.d as f32).sqrt(),
             dims: dm,
         })
@@ -1022,6 +1110,7 @@ impl AttentionOp {
         Self {
             mask: self.mask.clone(),
             key_end: self.key_end.clone(),
+            spans: self.spans.clone(),
             scale: 1.0 / (dims.d as f32).sqrt(),
             dims,
         }

@@ -201,10 +201,10 @@ fn fused_cross_entropy(
                 .zip(targets.par_iter())
                 .map(|(row, &target)| {
                     let picked = row[target as usize];
-                    let (max, z) = crate::model::ops::softmax_in_place(row);
-                    if let Some(s) = scale {
-                        // d/dlogits of scale * CE = scale * (softmax - onehot).
-                        row.iter_mut().for_each(|v| *v *= s);
+                    // d/dlogits of scale * CE = scale * (softmax - onehot).
+                    let s = scale.unwrap_or(1.0);
+                    let (max, z) = crate::model::ops::softmax_scaled(row, s);
+                    if scale.is_some() {
                         row[target as usize] -= s;
                     }
                     f64::from(z.ln() + max - picked)
