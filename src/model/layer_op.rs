@@ -18,7 +18,7 @@
 //! per-op graph keeps alive.
 
 use super::gemm::{par_filled, pool_threads, sgemm, sgemm_new, Mat};
-use super::lora::{LoraAdapter, LoraLinear};
+use super::lora::{next_dropout_key, DropoutMask, LoraAdapter, LoraLinear};
 use super::ops::{
     f32_slice, f32_storage, fused_f32, rms_norm_grad_row, rms_norm_row, rope_rows, sigmoid,
     with_f32, AttentionOp, Dims, Shared, CHUNK,
@@ -141,6 +141,8 @@ struct Saved {
     h2: Vec<f32>,
     /// Gate and up pre-activations side by side, `(rows, 2 * inter)`.
     gu: Vec<f32>,
+    /// Per projection under adapter dropout: `u' = (x * (mask - 1)) A^T`, `(rows, r)`.
+    u_drop: [Vec<f32>; 7],
 }
 
 /// Merged weights `W + scale B A` of one call: q/k/v stacked `(qkv, hidden)`, o
@@ -160,6 +162,8 @@ struct LayerOp {
     bias: [Option<Tensor>; 7],
     sizes: Sizes,
     scale: f32,
+    /// Per projection, the dropout mask of this call (training with adapter dropout only).
+    masks: [Option<DropoutMask>; 7],
     attn: AttentionOp,
     cos: Arc<Vec<f32>>,
     sin: Arc<Vec<f32>>,
@@ -260,57 +264,89 @@ fn swiglu_grad_rows(gu: &[f32], g: &[f32], inter: usize) -> Vec<f32> {
     })
 }
 
-/// LoRA gradients of adapters sharing the input `x` (`(rows, din)`): adapter `j` has
+/// One adapted projection of a group sharing an input: its output columns `col..col + width`
+/// of the output gradient and, under dropout, its mask and the forward pass's `u'`.
+struct Part<'a> {
+    col: usize,
+    width: usize,
+    drop: Option<(DropoutMask, &'a [f32])>,
+}
+
+/// `x * (mask - 1)` for a dense input: the difference between the dropped-out input the
+/// adapter sees and the input the merged weight sees.
+fn dropout_delta(x: &[f32], mask: DropoutMask) -> Vec<f32> {
+    par_filled(x.len(), CHUNK, |c, out| {
+        let base = c * CHUNK;
+        for (j, (o, v)) in out.iter_mut().zip(&x[base..]).enumerate() {
+            o.write(v * (mask.scale(base + j) - 1.0));
+        }
+    })
+}
+
+/// LoRA gradients of adapters sharing the dense input `x` (`(rows, din)`): adapter `j` has
 /// `A_j` at rows `j r..(j+1) r` of `a` (stacked `(k r, din)`), and its output gradient is
-/// columns `parts[j] = (col, width)` of `g` (row stride `ldg`), with `B_j` `(width, r)` next in
-/// `b`. Writes `dA` (stacked like `a`) and `dB` (stacked like `b`):
+/// columns `parts[j]` of `g` (row stride `ldg`), with `B_j` `(width, r)` next in `b`. Writes
+/// `dA` (stacked like `a`) and `dB` (stacked like `b`):
 /// `u = x A^T`, `gu_j = scale g_j B_j`, `dA = gu^T x`, `dB_j = scale g_j^T u_j`.
+///
+/// Under dropout the adapter saw `x + x'_j` (`x'_j = x * (mask_j - 1)`), not `x`: then
+/// `u_j` gains the forward pass's `u'_j = x'_j A_j^T`, `dA_j` gains `gu_j^T x'_j`, and the
+/// input gradient `dx` (already holding `g W'`) gains `(mask_j - 1) * (gu_j A_j)`.
 ///
 /// These products are skinny (one side is the rank), and the GEMM gains little from a second
 /// thread on them, so they run single-threaded two at a time. `dB_j` is computed as its
 /// transpose `scale u_j^T g_j`, a shape the kernels handle twice as fast, and transposed back.
 #[allow(clippy::too_many_arguments)]
 fn adapter_grads(
-    x: Mat<'_>,
+    x: &[f32],
     (rows, din, r, scale): (usize, usize, usize, f32),
-    g: &[f32],
-    ldg: usize,
-    parts: &[(usize, usize)],
-    a: &[f32],
-    b: &[f32],
+    (g, ldg): (&[f32], usize),
+    parts: &[Part<'_>],
+    (a, b): (&[f32], &[f32]),
     da: &mut [f32],
     db: &mut [f32],
+    dx: &mut [f32],
 ) {
     let kr = parts.len() * r;
+    let xm = Mat::new(x, din);
     let g_at = |col: usize| Mat {
         data: &g[col..],
         ld: ldg,
         trans: false,
     };
-    let (u, gu) = rayon::join(
-        || sgemm_new(rows, kr, din, 1.0, x, Mat::new(a, din).t(), 1),
+    let (mut u, gu) = rayon::join(
+        || sgemm_new(rows, kr, din, 1.0, xm, Mat::new(a, din).t(), 1),
         || {
             let mut gu = vec![0f32; rows * kr];
             let mut boff = 0;
-            for (j, &(col, width)) in parts.iter().enumerate() {
+            for (j, p) in parts.iter().enumerate() {
                 let bj = Mat::new(&b[boff * r..], r);
                 sgemm(
                     rows,
                     r,
-                    width,
+                    p.width,
                     scale,
-                    g_at(col),
+                    g_at(p.col),
                     bj,
                     0.0,
                     &mut gu[j * r..],
                     kr,
                     1,
                 );
-                boff += width;
+                boff += p.width;
             }
             gu
         },
     );
+    for (j, p) in parts.iter().enumerate() {
+        if let Some((_, u_extra)) = p.drop {
+            for (row, extra) in u.chunks_mut(kr).zip(u_extra.chunks(r)) {
+                for (v, e) in row[j * r..(j + 1) * r].iter_mut().zip(extra) {
+                    *v += e;
+                }
+            }
+        }
+    }
     rayon::join(
         || {
             let gum = Mat {
@@ -318,26 +354,58 @@ fn adapter_grads(
                 ld: kr,
                 trans: true,
             };
-            sgemm(kr, din, rows, 1.0, gum, x, 0.0, da, din, 1);
+            sgemm(kr, din, rows, 1.0, gum, xm, 0.0, da, din, 1);
         },
         || {
             let mut boff = 0;
-            for (j, &(col, width)) in parts.iter().enumerate() {
+            for (j, p) in parts.iter().enumerate() {
                 let uj = Mat {
                     data: &u[j * r..],
                     ld: kr,
                     trans: true,
                 };
-                let dbt = sgemm_new(r, width, rows, scale, uj, g_at(col), 1);
-                for (i, row) in db[boff * r..(boff + width) * r].chunks_mut(r).enumerate() {
+                let dbt = sgemm_new(r, p.width, rows, scale, uj, g_at(p.col), 1);
+                for (i, row) in db[boff * r..(boff + p.width) * r].chunks_mut(r).enumerate() {
                     for (k, v) in row.iter_mut().enumerate() {
-                        *v = dbt[k * width + i];
+                        *v = dbt[k * p.width + i];
                     }
                 }
-                boff += width;
+                boff += p.width;
             }
         },
     );
+    let th = pool_threads();
+    for (j, p) in parts.iter().enumerate() {
+        let Some((mask, _)) = p.drop else { continue };
+        let guj = Mat {
+            data: &gu[j * r..],
+            ld: kr,
+            trans: false,
+        };
+        let delta = dropout_delta(x, mask);
+        sgemm(
+            r,
+            din,
+            rows,
+            1.0,
+            guj.t(),
+            Mat::new(&delta, din),
+            1.0,
+            &mut da[j * r * din..],
+            din,
+            th,
+        );
+        drop(delta);
+        let back = sgemm_new(rows, din, r, 1.0, guj, Mat::new(&a[j * r * din..], din), th);
+        dx.par_chunks_mut(CHUNK)
+            .zip(back.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (d, t))| {
+                for (i, (d, t)) in d.iter_mut().zip(t).enumerate() {
+                    *d += (mask.scale(c * CHUNK + i) - 1.0) * t;
+                }
+            });
+    }
 }
 
 impl LayerOp {
@@ -416,6 +484,7 @@ impl LayerOp {
         let th = pool_threads();
         self.with_frozen(|ln, w, bias| {
             let m = self.merged(w, a, b);
+            let mut u_drop: [Vec<f32>; 7] = Default::default();
             // Attention block: x2 = x + o(attention(rope(qkv(norm1(x))))).
             let h1 = norm_rows(x, ln[0], self.eps[0]);
             let mut qkv = sgemm_new(
@@ -430,6 +499,15 @@ impl LayerOp {
             if let Some(bq) = &bias.qkv {
                 add_bias(&mut qkv, n, 0, bq);
             }
+            let qkv_cols = [0, nq, nq + nkv];
+            self.dropout_forward(
+                &[Q, Q + 1, Q + 2],
+                &qkv_cols,
+                &h1,
+                (a, b),
+                (&mut qkv, n),
+                &mut u_drop,
+            );
             rope_rows(
                 &mut qkv,
                 n,
@@ -456,6 +534,7 @@ impl LayerOp {
             if let Some(bo) = &bias.o {
                 add_bias(&mut x2, hd, 0, bo);
             }
+            self.dropout_forward(&[O], &[0], &y, (a, b), (&mut x2, hd), &mut u_drop);
             // MLP block: out = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
             let h2 = norm_rows(&x2, ln[1], self.eps[1]);
             let mut gu = sgemm_new(
@@ -470,6 +549,15 @@ impl LayerOp {
             if let Some(bg) = &bias.gu {
                 add_bias(&mut gu, 2 * inter, 0, bg);
             }
+            let gu_cols = [0, inter];
+            self.dropout_forward(
+                &[GATE, GATE + 1],
+                &gu_cols,
+                &h2,
+                (a, b),
+                (&mut gu, 2 * inter),
+                &mut u_drop,
+            );
             let act = swiglu_rows(&gu, inter);
             let mut out = x2.clone();
             sgemm(
@@ -487,6 +575,7 @@ impl LayerOp {
             if let Some(bd) = &bias.down {
                 add_bias(&mut out, hd, 0, bd);
             }
+            self.dropout_forward(&[DOWN], &[0], &act, (a, b), (&mut out, hd), &mut u_drop);
             (
                 out,
                 Saved {
@@ -497,9 +586,49 @@ impl LayerOp {
                     x2,
                     h2,
                     gu,
+                    u_drop,
                 },
             )
         })
+    }
+
+    /// Adapter dropout in the forward pass, for the projections `ids` of a group with input
+    /// `x` whose outputs start at columns `cols` of `y` (row stride `ldy`). The merged weight
+    /// already applied `scale B A` to `x`; the adapter should have seen the dropped-out
+    /// input `x + x'` (`x' = x * (mask - 1)`), so each output gains `scale (x' A^T) B^T`.
+    /// `u' = x' A^T` is kept for the backward pass.
+    fn dropout_forward(
+        &self,
+        ids: &[usize],
+        cols: &[usize],
+        x: &[f32],
+        (a, b): (&[f32], &[f32]),
+        (y, ldy): (&mut [f32], usize),
+        u_drop: &mut [Vec<f32>; 7],
+    ) {
+        let (sz, th) = (self.sizes, pool_threads());
+        for (&i, &col) in ids.iter().zip(cols) {
+            let Some(mask) = self.masks[i] else { continue };
+            let (din, dout) = sz.io(i);
+            let rows = x.len() / din;
+            let delta = dropout_delta(x, mask);
+            let am = Mat::new(&a[sz.a_at(i)..], din).t();
+            let u = sgemm_new(rows, sz.r, din, 1.0, Mat::new(&delta, din), am, th);
+            let bm = Mat::new(&b[sz.b_at(i)..], sz.r).t();
+            sgemm(
+                rows,
+                dout,
+                sz.r,
+                self.scale,
+                Mat::new(&u, sz.r),
+                bm,
+                1.0,
+                &mut y[col..],
+                ldy,
+                th,
+            );
+            u_drop[i] = u;
+        }
     }
 
     /// The backward pass: `(dx, dA, dB)` for the output gradient `g`.
@@ -523,43 +652,41 @@ impl LayerOp {
             x2,
             h2,
             gu,
+            u_drop,
         } = saved;
         self.with_frozen(|ln, w, _| {
             let m = self.merged(w, a, b);
             let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; b.len()]);
             // The adapters of projections `ids` (output columns `cols` of `g`) with input `x`.
-            let mut grads = |x: Mat<'_>,
+            // The adapters of projections `ids` (output columns `cols` of `g`) with input `x`;
+            // `dx` holds the input gradient through the merged weights.
+            let mut grads = |x: &[f32],
                              din: usize,
-                             g: &[f32],
-                             ldg: usize,
+                             (g, ldg): (&[f32], usize),
                              ids: &[usize],
-                             cols: &[(usize, usize)]| {
-                let parts: Vec<(usize, usize)> = ids
+                             cols: &[(usize, usize)],
+                             dx: &mut [f32]| {
+                let parts: Vec<Part> = ids
                     .iter()
                     .zip(cols)
                     .filter(|(&i, _)| sz.adapted[i])
-                    .map(|(_, &c)| c)
+                    .map(|(&i, &(col, width))| Part {
+                        col,
+                        width,
+                        drop: self.masks[i].map(|m| (m, &u_drop[i][..])),
+                    })
                     .collect();
                 if !parts.is_empty() {
                     let (at, bt) = (sz.a_at(ids[0]), sz.b_at(ids[0]));
                     let (da, db) = (&mut da[at..], &mut db[bt..]);
-                    adapter_grads(
-                        x,
-                        (rows, din, r, s),
-                        g,
-                        ldg,
-                        &parts,
-                        &a[at..],
-                        &b[bt..],
-                        da,
-                        db,
-                    );
+                    let ab = (&a[at..], &b[bt..]);
+                    adapter_grads(x, (rows, din, r, s), (g, ldg), &parts, ab, da, db, dx);
                 }
             };
 
             // down: out = x2 + act Wd'^T, so d act = g Wd'.
             let act = swiglu_rows(&gu, inter);
-            let dact = sgemm_new(
+            let mut dact = sgemm_new(
                 rows,
                 inter,
                 hd,
@@ -568,12 +695,12 @@ impl LayerOp {
                 Mat::new(&m.down, inter),
                 th,
             );
-            grads(Mat::new(&act, inter), inter, g, hd, &[DOWN], &[(0, hd)]);
+            grads(&act, inter, (g, hd), &[DOWN], &[(0, hd)], &mut dact);
             drop(act);
             // SwiGLU, then gate/up: d h2 = [dgate | dup] [Wg'; Wu'].
             let dgu = swiglu_grad_rows(&gu, &dact, inter);
             drop((dact, gu));
-            let dh2 = sgemm_new(
+            let mut dh2 = sgemm_new(
                 rows,
                 hd,
                 2 * inter,
@@ -583,21 +710,15 @@ impl LayerOp {
                 th,
             );
             let gate_up = [(0, inter), (inter, inter)];
-            grads(
-                Mat::new(&h2, hd),
-                hd,
-                &dgu,
-                2 * inter,
-                &[GATE, GATE + 1],
-                &gate_up,
-            );
+            let gate_up_ids = [GATE, GATE + 1];
+            grads(&h2, hd, (&dgu, 2 * inter), &gate_up_ids, &gate_up, &mut dh2);
             drop((dgu, h2));
             // norm2 and the residual: d x2 = g + d norm2(x2) / d x2 * d h2.
             let mut dres = g.to_vec();
             norm_grad_add(&x2, &dh2, ln[1], self.eps[1], &mut dres);
             drop((dh2, x2));
             // o: x2 = x + y Wo'^T, so d y = d x2 Wo'.
-            let dy = sgemm_new(
+            let mut dy = sgemm_new(
                 rows,
                 nq,
                 hd,
@@ -606,7 +727,7 @@ impl LayerOp {
                 Mat::new(&m.o, nq),
                 th,
             );
-            grads(Mat::new(&y, nq), nq, &dres, hd, &[O], &[(0, hd)]);
+            grads(&y, nq, (&dres, hd), &[O], &[(0, hd)], &mut dy);
             drop(y);
             // Attention into one stacked d qkv buffer (dK and dV accumulate: zeroed first),
             // then the inverse rotation of dq and dk.
@@ -639,7 +760,7 @@ impl LayerOp {
                 true,
             );
             // q/k/v: d h1 = d qkv [Wq'; Wk'; Wv'].
-            let dh1 = sgemm_new(
+            let mut dh1 = sgemm_new(
                 rows,
                 hd,
                 n,
@@ -649,14 +770,7 @@ impl LayerOp {
                 th,
             );
             let qkv_cols = [(0, nq), (nq, nkv), (nq + nkv, nkv)];
-            grads(
-                Mat::new(&h1, hd),
-                hd,
-                &dqkv,
-                n,
-                &[Q, Q + 1, Q + 2],
-                &qkv_cols,
-            );
+            grads(&h1, hd, (&dqkv, n), &[Q, Q + 1, Q + 2], &qkv_cols, &mut dh1);
             // norm1 and the residual: d x = d x2 + d norm1(x) / d x * d h1.
             norm_grad_add(x, &dh1, ln[0], self.eps[0], &mut dres);
             (dres, da, db)
@@ -767,7 +881,7 @@ pub(crate) fn decoder_layer(
     let first = adapters.first();
     let uniform = adapters.iter().all(|a| {
         first.is_some_and(|f| a.scale == f.scale && rank(a) == rank(f))
-            && !(train && a.dropout > 0.0)
+            && (0.0..1.0).contains(&a.dropout)
     });
     let mut weights: Vec<&Tensor> = layer.proj.iter().map(|p| p.weight()).collect();
     weights.extend([
@@ -821,6 +935,13 @@ pub(crate) fn decoder_layer(
     let w: [Tensor; 7] = w
         .try_into()
         .map_err(|_| candle_core::Error::Msg("fused layer: seven weights".into()))?;
+    // Dropout keys are drawn here, in projection order, as the per-op path draws them.
+    let masks = std::array::from_fn(|i| match layer.proj[i].adapter() {
+        Some(ad) if train && ad.dropout > 0.0 => {
+            Some(DropoutMask::new(next_dropout_key(), ad.dropout))
+        }
+        _ => None,
+    });
     let a = flat(|a| &a.lora_a)?;
     let bm = flat(|a| &a.lora_b)?;
     let op = LayerOp {
@@ -836,6 +957,7 @@ pub(crate) fn decoder_layer(
         bias: std::array::from_fn(|i| layer.proj[i].bias().map(Tensor::detach)),
         sizes,
         scale: first.map_or(1.0, |a| a.scale as f32),
+        masks,
         attn: ctx.attn.clone(),
         cos: ctx.cos.clone(),
         sin: ctx.sin.clone(),
@@ -877,6 +999,7 @@ mod tests {
         qkv_bias: bool,
         o_bias: bool,
         targets: &[&str],
+        dropout: f32,
     ) -> Result<(DecoderLayer, VarMap)> {
         let dev = Device::Cpu;
         let d = cfg.head_dim();
@@ -914,7 +1037,7 @@ mod tests {
         let lora = LoraConfig {
             r: 4,
             alpha: 8.0,
-            dropout: 0.0,
+            dropout,
             use_rslora: false,
             target_modules: targets.iter().map(|s| s.to_string()).collect(),
             base_model_name_or_path: "test".into(),
@@ -943,21 +1066,23 @@ mod tests {
         o_bias: bool,
         targets: &[&str],
     ) -> Result<()> {
-        fused_matches_per_op_masked(model_type, qkv_bias, o_bias, targets, false)
+        fused_matches_per_op_masked(model_type, qkv_bias, o_bias, targets, false, 0.0)
     }
 
     /// As above; `holes` also masks scattered earlier keys, so that the allowed keys of a
-    /// row are no longer one run (the attention's general-mask path).
+    /// row are no longer one run (the attention's general-mask path); `dropout` is the
+    /// adapters' dropout, both paths drawing their masks from the same seeded stream.
     fn fused_matches_per_op_masked(
         model_type: &str,
         qkv_bias: bool,
         o_bias: bool,
         targets: &[&str],
         holes: bool,
+        dropout: f32,
     ) -> Result<()> {
         let dev = Device::Cpu;
         let cfg = config(model_type);
-        let (layer, varmap) = layer(&cfg, qkv_bias, o_bias, targets)?;
+        let (layer, varmap) = layer(&cfg, qkv_bias, o_bias, targets, dropout)?;
         let t = 70;
         let segments: Vec<Vec<u32>> = vec![
             (0..t).map(|i| u32::from(i >= 45)).collect(),
@@ -981,6 +1106,7 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, t, HIDDEN), &dev)?)?;
         let upstream = Tensor::randn(0f32, 1.0, (2, t, HIDDEN), &dev)?;
         let run = |fused: bool| -> Result<(Tensor, candle_core::backprop::GradStore)> {
+            crate::model::lora::seed_dropout(Some(99));
             let inputs = LayerInputs {
                 cos: &cos,
                 sin: &sin,
@@ -1036,7 +1162,16 @@ mod tests {
 
     #[test]
     fn fused_layer_matches_per_op_with_a_general_mask() -> Result<()> {
-        fused_matches_per_op_masked("llama", false, false, &ALL_TARGET_MODULES, true)
+        fused_matches_per_op_masked("llama", false, false, &ALL_TARGET_MODULES, true, 0.0)
+    }
+
+    /// Adapter dropout: the merged-weight path plus a per-projection correction for the
+    /// dropped-out input equals the per-op path, which applies the same masks to the input.
+    #[test]
+    fn fused_layer_matches_per_op_with_dropout() -> Result<()> {
+        fused_matches_per_op_masked("llama", false, false, &ALL_TARGET_MODULES, false, 0.3)?;
+        let some = ["q_proj", "v_proj", "up_proj", "down_proj"];
+        fused_matches_per_op_masked("qwen2", true, false, &some, false, 0.1)
     }
 
     /// Adapters on a subset of the projections (PEFT's Llama default, and one with a gap in
@@ -1053,7 +1188,7 @@ mod tests {
     fn fused_layer_backward_without_saved_state() -> Result<()> {
         let dev = Device::Cpu;
         let cfg = config("llama");
-        let (layer, _varmap) = layer(&cfg, false, false, &ALL_TARGET_MODULES)?;
+        let (layer, _varmap) = layer(&cfg, false, false, &ALL_TARGET_MODULES, 0.0)?;
         let packing = Packing::causal(1, 40, &dev).expect("packing");
         let rotary = RotaryEmbedding::new(&cfg, &dev).expect("rotary");
         let (cos, sin) = rotary

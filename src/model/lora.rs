@@ -565,44 +565,119 @@ pub fn merge_into(
 }
 
 thread_local! {
-    /// Generator for LoRA dropout masks on this thread, when a trainer seeded it.
-    static DROPOUT_RNG: std::cell::RefCell<Option<rand::rngs::StdRng>> =
-        const { std::cell::RefCell::new(None) };
+    /// Dropout mask stream of this thread: `(seed, calls so far)`. Every dropout call takes
+    /// the next key of the stream; a trainer reseeds it before each forward pass.
+    static DROPOUT_STREAM: std::cell::Cell<Option<(u64, u64)>> =
+        const { std::cell::Cell::new(None) };
 }
 
-/// Seeds the generator that draws LoRA dropout masks on the calling thread (`None` falls back
-/// to candle's own, unseedable generator). A trainer seeds it from (run seed, step,
-/// micro-batch) before each forward pass, so a resumed run draws exactly the masks an
-/// uninterrupted one would have.
+/// Seeds the stream that LoRA dropout masks are drawn from on the calling thread (`None`: a
+/// random seed on first use). A trainer seeds it from (run seed, step, micro-batch) before
+/// each forward pass, so a resumed run draws exactly the masks an uninterrupted one would have.
 pub fn seed_dropout(seed: Option<u64>) {
-    use rand::SeedableRng;
-    DROPOUT_RNG.with(|r| *r.borrow_mut() = seed.map(rand::rngs::StdRng::seed_from_u64));
+    DROPOUT_STREAM.with(|s| s.set(seed.map(|seed| (seed, 0))));
 }
 
-/// Inverted dropout with probability `p`, drawing the mask from the seeded generator when
-/// there is one.
-fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
-    use rand::Rng;
-    let mask = DROPOUT_RNG.with(|r| {
-        r.borrow_mut().as_mut().map(|rng| {
-            let keep = 1.0 / (1.0 - p);
-            (0..x.elem_count())
-                .map(|_| if rng.random::<f32>() >= p { keep } else { 0.0 })
-                .collect::<Vec<f32>>()
-        })
-    });
-    match mask {
-        Some(m) => {
-            let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
-            Ok((x * m)?)
+/// The key of the next dropout call on this thread. Calls are keyed in the order the
+/// adapted projections run (q, k, v, o, gate, up, down per layer), so the fused layer and the
+/// per-op path draw the same masks.
+pub(crate) fn next_dropout_key() -> u64 {
+    DROPOUT_STREAM.with(|s| {
+        let (seed, n) = s.get().unwrap_or_else(|| (rand::random(), 0));
+        s.set(Some((seed, n + 1)));
+        splitmix64(seed ^ splitmix64(n))
+    })
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One dropout call's mask as a function of the element index: a 32-bit hash of (key,
+/// index) against the drop probability. Any element can be recomputed on its own, so a
+/// backward pass regenerates the mask instead of keeping it, and masks fill in parallel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropoutMask {
+    k0: u32,
+    k1: u32,
+    /// Elements whose hash is below this are dropped (`p * 2^32`).
+    threshold: u32,
+    /// `1 / (1 - p)`, the scale of kept elements.
+    pub keep_scale: f32,
+}
+
+impl DropoutMask {
+    /// The mask of the call with `key`, dropping with probability `p` in `[0, 1)`.
+    pub fn new(key: u64, p: f32) -> Self {
+        Self {
+            k0: key as u32,
+            k1: (key >> 32) as u32,
+            threshold: (f64::from(p) * 4_294_967_296.0).min(u32::MAX as f64) as u32,
+            keep_scale: 1.0 / (1.0 - p),
         }
-        None => Ok(candle_nn::ops::dropout(x, p)?),
     }
+
+    /// `keep_scale` for a kept element `i`, 0 for a dropped one. murmur3's finaliser over
+    /// the index mixed with the key: 32-bit integer steps that vectorize.
+    #[inline(always)]
+    pub fn scale(&self, i: usize) -> f32 {
+        let mut h = (i as u32 ^ self.k0)
+            .wrapping_mul(0x9E37_79B1)
+            .wrapping_add(self.k1);
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85EB_CA6B);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xC2B2_AE35);
+        h ^= h >> 16;
+        if h >= self.threshold {
+            self.keep_scale
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Inverted dropout with probability `p`, the mask from this thread's stream.
+fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
+    let mask = DropoutMask::new(next_dropout_key(), p);
+    let m: Vec<f32> = (0..x.elem_count()).map(|i| mask.scale(i)).collect();
+    let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * m)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Masks keep about `1 - p` of the elements, differ from call to call, and repeat
+    /// exactly when the stream is reseeded.
+    #[test]
+    fn dropout_masks_have_the_rate_and_repeat_with_the_seed() {
+        let n = 1 << 20;
+        seed_dropout(Some(7));
+        let (k1, k2) = (next_dropout_key(), next_dropout_key());
+        seed_dropout(Some(7));
+        assert_eq!(next_dropout_key(), k1);
+        let (a, b) = (DropoutMask::new(k1, 0.1), DropoutMask::new(k2, 0.1));
+        let kept = (0..n).filter(|&i| a.scale(i) > 0.0).count();
+        let rate = kept as f64 / n as f64;
+        assert!((rate - 0.9).abs() < 0.003, "kept {rate}");
+        assert!(a.scale(0) == 0.0 || a.scale(0) == 1.0 / 0.9);
+        let both = (0..n)
+            .filter(|&i| a.scale(i) > 0.0 && b.scale(i) > 0.0)
+            .count();
+        let joint = both as f64 / n as f64;
+        assert!((joint - 0.81).abs() < 0.003, "masks correlate: {joint}");
+        // Neighbouring elements are independent too.
+        let pairs = (0..n - 1)
+            .filter(|&i| a.scale(i) > 0.0 && a.scale(i + 1) > 0.0)
+            .count();
+        assert!((pairs as f64 / n as f64 - 0.81).abs() < 0.003);
+        assert!((0..1000).all(|i| DropoutMask::new(k1, 0.0).scale(i) == 1.0));
+    }
 
     #[test]
     fn scale_follows_rslora() {
