@@ -23,7 +23,7 @@
 //! - [`model`]: the candle student (Llama, Qwen2) with LoRA, loaded from HF dirs or GGUF.
 //! - [`fake_openai`]: a loopback OpenAI-compatible server with fault injection, used by the test
 //!   suite and by `distill bench` to exercise the client without a real endpoint.
-//! - [`bench`]: throughput measurements printed as ratios against a peer measured in the same run.
+//! - [`bench`](mod@bench): throughput measurements printed as ratios against a peer measured in the same run.
 //! - [`cli`]: the subcommands and their flags; `main.rs` only maps results to exit codes.
 
 pub mod audit;

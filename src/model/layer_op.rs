@@ -13,9 +13,14 @@
 //! gate and up likewise. Attention reads q, k and v in place from that product's output.
 //!
 //! Kept for the backward pass: the normalised inputs of both blocks, the rotated q/k/v, the
-//! attention output, the mid-layer residual and the gate/up pre-activations (the attention
-//! probabilities and the SwiGLU output are recomputed). That is about two thirds of what the
-//! per-op graph keeps alive.
+//! attention output and its log-sum-exp, the mid-layer residual and the gate/up
+//! pre-activations (the attention probabilities and the SwiGLU output are recomputed). That
+//! is about two thirds of what the per-op graph keeps alive.
+//!
+//! Adapter dropout keeps the merged-weight products: the adapter of a projection should see
+//! `x * mask` where the merged weight saw `x`, so each adapted projection adds the rank-r
+//! term `scale ((x * (mask - 1)) A^T) B^T`, and the backward pass the matching terms. The
+//! masks are a hash of (call key, element), regenerated in the backward pass rather than kept.
 
 use super::gemm::{par_filled, pool_threads, sgemm, sgemm_new, Mat};
 use super::lora::{next_dropout_key, DropoutMask, LoraAdapter, LoraLinear};
@@ -867,9 +872,10 @@ impl CustomOp3 for LayerOp {
 }
 
 /// The decoder layer `x + attn(norm1(x))`, then `+ mlp(norm2(.))`, as one node, when it
-/// applies: f32 CPU tensors, the adapters (on any subset of the seven projections, or none)
-/// of one rank and scale, and no adapter dropout in play. `None` otherwise (the caller runs
-/// the per-op path).
+/// applies: f32 CPU tensors and adapters (on any subset of the seven projections, or none)
+/// of one rank and scale, as one LoRA config gives. `None` otherwise (the caller runs the
+/// per-op path). In training with adapter dropout, each adapted projection draws its mask
+/// here, in the order the per-op path draws them.
 pub(crate) fn decoder_layer(
     x: &Tensor,
     layer: &LayerRefs<'_>,
@@ -888,6 +894,7 @@ pub(crate) fn decoder_layer(
         layer.input_norm.weight(),
         layer.post_attention_norm.weight(),
     ]);
+    weights.extend(layer.proj.iter().filter_map(|p| p.bias()));
     if !uniform || !fused_f32(&[x]) || !fused_f32(&weights) {
         return Ok(None);
     }

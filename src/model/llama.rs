@@ -156,7 +156,7 @@ impl DecoderLayer {
     }
 
     /// Runs the layer on `(batch, seq, hidden)`: as one fused node when it applies (see
-    /// [`super::layer_op`]), else op by op.
+    /// `layer_op`), else op by op.
     pub fn forward(&self, xs: &Tensor, inp: &LayerInputs<'_>) -> Result<Tensor> {
         if let Some(ctx) = &inp.fused {
             if let Some(y) = decoder_layer(xs, &self.refs(), ctx, inp.train)? {

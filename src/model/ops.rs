@@ -17,6 +17,11 @@
 //!
 //! Frozen weights, masks and rotary tables are captured in the op rather than passed as
 //! arguments, so autograd never sees them.
+//!
+//! In training on f32 CPU tensors a whole decoder layer runs as one node (`layer_op`), built
+//! from the kernels here (attention, RMSNorm and RoPE rows, the vectorised `exp`); the
+//! per-op nodes serve the cases it leaves out, and the tests check both against candle's
+//! autograd.
 
 use super::gemm::{par_filled, pool_threads, sgemm, sgemm_new, sgemm_raw, Mat};
 use candle_core::{

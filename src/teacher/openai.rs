@@ -1,7 +1,7 @@
 //! OpenAI-compatible teacher: `/v1/chat/completions` on one or several servers.
 //!
 //! The layers, from the inside out (each testable on its own):
-//! - [`OpenAiTeacher::attempt`] builds one request and parses one response, absorbing the ways
+//! - `OpenAiTeacher::attempt` builds one request and parses one response, absorbing the ways
 //!   servers differ from OpenAI (mistral.rs: base-10 logprobs, token ids in `top_logprobs`,
 //!   unordered choices, `usage` counting one choice, a missing temperature meaning 1.0 — we
 //!   always send one).

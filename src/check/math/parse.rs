@@ -32,7 +32,7 @@ pub enum ParseError {
     /// A character or command the grammar does not know.
     #[error("unexpected input: {0}")]
     Unexpected(String),
-    /// Over [`MAX_TOKENS`] tokens or [`MAX_DEPTH`] nesting.
+    /// Over `MAX_TOKENS` tokens or `MAX_DEPTH` nesting.
     #[error("answer too long or too deeply nested")]
     TooComplex,
     /// The deadline passed while parsing.
