@@ -22,6 +22,7 @@ BATCH = 4
 SEQ = 512
 LORA_R = 16
 LORA_ALPHA = 32
+LORA_DROPOUT = float(os.environ.get("BENCH_LORA_DROPOUT", "0"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WARMUP_STEPS = 1
 TIMED_STEPS = int(os.environ.get("BENCH_TIMED_STEPS", "3"))
@@ -69,7 +70,7 @@ def cmd_torch_train():
     cfg = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
-        lora_dropout=0.0,
+        lora_dropout=LORA_DROPOUT,
         target_modules=TARGETS,
         task_type="CAUSAL_LM",
     )
@@ -224,6 +225,7 @@ def cmd_report(res):
             f"torch f32 matmul ({mm['threads']} threads): 2048x2048 {mm['gflops_2048']:.1f} GFLOP/s, "
             f"4096x4096 {mm['gflops_4096']:.1f} GFLOP/s -> peak reference {peak:.1f} GFLOP/s"
         )
+    print(f"LoRA r={LORA_R} alpha={LORA_ALPHA} dropout={LORA_DROPOUT} on {len(TARGETS)} projections")
     print(
         f"FLOPs/token = 6 x {N_PARAMS:.4g} = {FLOPS_PER_TOKEN:.4g}; "
         "% peak = tokens/s x FLOPs/token / peak matmul FLOP/s"

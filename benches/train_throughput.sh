@@ -2,14 +2,14 @@
 # Side-by-side LoRA SFT training throughput: distill vs PyTorch + transformers + peft.
 #
 # Setup (both trainers): SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to f32),
-# batch 4 x 512 tokens, LoRA r=16 alpha=32 dropout=0 on q/k/v/o/gate/up/down_proj,
+# batch 4 x 512 tokens, LoRA r=16 alpha=32 dropout=0 (BENCH_LORA_DROPOUT) on q/k/v/o/gate/up/down_proj,
 # AdamW, 2 threads; 1 warm-up step + BENCH_TIMED_STEPS (3) timed steps.
 # Reports tokens/s, peak RSS, distill/PyTorch ratio and the fraction of torch's
 # f32 matmul peak reached (FLOPs/token = 6 x 134.5e6).
 #
 # Env: DISTILL_CACHE (default <repo>/.cache), DISTILL_BIN (default target/debug/distill,
 # or target/release/distill when present), BENCH_THREADS (2), BENCH_SKIP_BS1=1 to skip the
-# --batch-size 1 --grad-accum 4 run.
+# --batch-size 1 --grad-accum 4 run, BENCH_LORA_DROPOUT (0; e.g. 0.05, both trainers).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,7 +26,9 @@ if [[ -z "${DISTILL_BIN:-}" ]]; then
   if [[ -x "$ROOT/target/release/distill" ]]; then DISTILL_BIN="$ROOT/target/release/distill"
   else DISTILL_BIN="$ROOT/target/debug/distill"; fi
 fi
+DROPOUT="${BENCH_LORA_DROPOUT:-0}"
 export BENCH_MODEL_DIR="$MODEL_DIR" BENCH_GGUF_FILE="$GGUF_FILE" BENCH_THREADS="$THREADS" BENCH_TIMED_STEPS="$TIMED"
+export BENCH_LORA_DROPOUT="$DROPOUT"
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" RAYON_NUM_THREADS="$THREADS"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
@@ -70,6 +72,7 @@ run_distill() {  # tag batch_size grad_accum
   /usr/bin/time -v -o "$RES/distill_$tag.time" \
     "$DISTILL_BIN" train --model "$GGUF" --data "$RES/traces.jsonl" --out "$RES/distill_$tag" \
       --max-steps "$((1 + TIMED))" --batch-size "$bs" --grad-accum "$ga" --lora-r 16 --lora-alpha 32 \
+      --lora-dropout "$DROPOUT" \
       --max-len 600 --quiet > "$RES/distill_$tag.log" 2>&1 \
     || { echo "distill ($tag) failed, see $RES/distill_$tag.log" >&2; tail -5 "$RES/distill_$tag.log" >&2; }
 }

@@ -168,6 +168,9 @@ pub struct TrainArgs {
     /// LoRA alpha.
     #[arg(long)]
     pub lora_alpha: Option<f64>,
+    /// LoRA dropout probability on the adapters' input, in [0, 1).
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
     /// Pack several samples per row (no attention across them).
     #[arg(long)]
     pub packing: bool,
@@ -804,6 +807,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
         eval_every: a.eval_every,
         lora_r: a.lora_r,
         lora_alpha: a.lora_alpha,
+        lora_dropout: a.lora_dropout,
         packing: a.packing.then_some(true),
         device: None,
         resume: match (&a.resume_from, a.resume) {

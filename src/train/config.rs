@@ -236,6 +236,8 @@ pub struct TrainOverrides {
     pub lora_r: Option<usize>,
     /// `--lora-alpha`.
     pub lora_alpha: Option<f64>,
+    /// `--lora-dropout`.
+    pub lora_dropout: Option<f32>,
     /// `--packing` / `--no-packing`.
     pub packing: Option<bool>,
     /// `--device`.
@@ -262,7 +264,8 @@ impl TrainOverrides {
              max_len => c.max_len, batch_size => c.batch_size, grad_accum => c.grad_accum,
              lr => c.lr, warmup_steps => c.warmup_steps, epochs => c.epochs, seed => c.seed,
              save_every => c.save_every, eval_every => c.eval_every, lora_r => c.lora.r,
-             lora_alpha => c.lora.alpha, packing => c.packing, device => c.device);
+             lora_alpha => c.lora.alpha, lora_dropout => c.lora.dropout, packing => c.packing,
+             device => c.device);
         if let Some(t) = &self.chat_template {
             c.chat_template = Some(t.clone());
         }
