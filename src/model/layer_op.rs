@@ -484,137 +484,104 @@ impl LayerOp {
     /// The forward pass on raw buffers: the layer output and what the backward pass needs.
     fn run(&self, x: &[f32], a: &[f32], b: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let sz = self.sizes;
-        let (hd, nq, nkv, n, inter) = (sz.hidden, sz.q(), sz.kv(), sz.qkv(), sz.inter);
-        let rows = x.len() / hd;
-        let th = pool_threads();
+        let (nq, nkv, n, inter) = (sz.q(), sz.kv(), sz.qkv(), sz.inter);
         self.with_frozen(|ln, w, bias| {
             let m = self.merged(w, a, b);
             let mut u_drop: [Vec<f32>; 7] = Default::default();
+            let mut project = |ids: &[usize], x: &[f32], merged: &[f32], bias, residual| {
+                self.project(ids, x, merged, (a, b), bias, residual, &mut u_drop)
+            };
             // Attention block: x2 = x + o(attention(rope(qkv(norm1(x))))).
             let h1 = norm_rows(x, ln[0], self.eps[0]);
-            let mut qkv = sgemm_new(
-                rows,
-                n,
-                hd,
-                1.0,
-                Mat::new(&h1, hd),
-                Mat::new(&m.qkv, hd).t(),
-                th,
-            );
-            if let Some(bq) = &bias.qkv {
-                add_bias(&mut qkv, n, 0, bq);
-            }
-            let qkv_cols = [0, nq, nq + nkv];
-            self.dropout_forward(
-                &[Q, Q + 1, Q + 2],
-                &qkv_cols,
-                &h1,
-                (a, b),
-                (&mut qkv, n),
-                &mut u_drop,
-            );
-            rope_rows(
-                &mut qkv,
-                n,
-                sz.nh + sz.nkv,
-                sz.d / 2,
-                (&self.cos, &self.sin),
-                false,
-            );
+            let mut qkv = project(&[Q, Q + 1, Q + 2], &h1, &m.qkv, bias.qkv.as_deref(), None);
+            let (half, heads) = (sz.d / 2, sz.nh + sz.nkv);
+            rope_rows(&mut qkv, n, heads, half, (&self.cos, &self.sin), false);
             let (attn, dm) = self.attention();
             let (y, lse) = attn.forward(&dm, &qkv, &qkv[nq..], &qkv[nq + nkv..]);
-            let mut x2 = x.to_vec();
-            sgemm(
-                rows,
-                hd,
-                nq,
-                1.0,
-                Mat::new(&y, nq),
-                Mat::new(&m.o, nq).t(),
-                1.0,
-                &mut x2,
-                hd,
-                th,
-            );
-            if let Some(bo) = &bias.o {
-                add_bias(&mut x2, hd, 0, bo);
-            }
-            self.dropout_forward(&[O], &[0], &y, (a, b), (&mut x2, hd), &mut u_drop);
+            let x2 = project(&[O], &y, &m.o, bias.o.as_deref(), Some(x));
             // MLP block: out = x2 + down(silu(gate(h2)) * up(h2)), h2 = norm2(x2).
             let h2 = norm_rows(&x2, ln[1], self.eps[1]);
-            let mut gu = sgemm_new(
-                rows,
-                2 * inter,
-                hd,
-                1.0,
-                Mat::new(&h2, hd),
-                Mat::new(&m.gu, hd).t(),
-                th,
-            );
-            if let Some(bg) = &bias.gu {
-                add_bias(&mut gu, 2 * inter, 0, bg);
-            }
-            let gu_cols = [0, inter];
-            self.dropout_forward(
-                &[GATE, GATE + 1],
-                &gu_cols,
-                &h2,
-                (a, b),
-                (&mut gu, 2 * inter),
-                &mut u_drop,
-            );
+            let gu = project(&[GATE, GATE + 1], &h2, &m.gu, bias.gu.as_deref(), None);
             let act = swiglu_rows(&gu, inter);
-            let mut out = x2.clone();
-            sgemm(
-                rows,
-                hd,
-                inter,
-                1.0,
-                Mat::new(&act, inter),
-                Mat::new(&m.down, inter).t(),
-                1.0,
-                &mut out,
-                hd,
-                th,
-            );
-            if let Some(bd) = &bias.down {
-                add_bias(&mut out, hd, 0, bd);
-            }
-            self.dropout_forward(&[DOWN], &[0], &act, (a, b), (&mut out, hd), &mut u_drop);
-            (
-                out,
-                Saved {
-                    h1,
-                    qkv,
-                    y,
-                    lse,
-                    x2,
-                    h2,
-                    gu,
-                    u_drop,
-                },
-            )
+            let out = project(&[DOWN], &act, &m.down, bias.down.as_deref(), Some(&x2));
+            let saved = Saved {
+                h1,
+                qkv,
+                y,
+                lse,
+                x2,
+                h2,
+                gu,
+                u_drop,
+            };
+            (out, saved)
         })
     }
 
+    /// One group of projections sharing the input `x`: `residual + x M^T + bias` for the
+    /// stacked merged weights `M`, then the dropout corrections of its adapters.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        ids: &[usize],
+        x: &[f32],
+        merged: &[f32],
+        ab: (&[f32], &[f32]),
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        u_drop: &mut [Vec<f32>; 7],
+    ) -> Vec<f32> {
+        let sz = self.sizes;
+        let din = sz.io(ids[0]).0;
+        let width: usize = ids.iter().map(|&i| sz.io(i).1).sum();
+        let rows = x.len() / din;
+        let (xm, wm) = (Mat::new(x, din), Mat::new(merged, din).t());
+        let mut y = match residual {
+            Some(res) => {
+                let mut y = res.to_vec();
+                sgemm(
+                    rows,
+                    width,
+                    din,
+                    1.0,
+                    xm,
+                    wm,
+                    1.0,
+                    &mut y,
+                    width,
+                    pool_threads(),
+                );
+                y
+            }
+            None => sgemm_new(rows, width, din, 1.0, xm, wm, pool_threads()),
+        };
+        if let Some(bias) = bias {
+            add_bias(&mut y, width, 0, bias);
+        }
+        self.dropout_forward(ids, x, ab, (&mut y, width), u_drop);
+        y
+    }
+
     /// Adapter dropout in the forward pass, for the projections `ids` of a group with input
-    /// `x` whose outputs start at columns `cols` of `y` (row stride `ldy`). The merged weight
+    /// `x` whose outputs sit side by side in `y` (row stride `ldy`). The merged weight
     /// already applied `scale B A` to `x`; the adapter should have seen the dropped-out
     /// input `x + x'` (`x' = x * (mask - 1)`), so each output gains `scale (x' A^T) B^T`.
     /// `u' = x' A^T` is kept for the backward pass.
     fn dropout_forward(
         &self,
         ids: &[usize],
-        cols: &[usize],
         x: &[f32],
         (a, b): (&[f32], &[f32]),
         (y, ldy): (&mut [f32], usize),
         u_drop: &mut [Vec<f32>; 7],
     ) {
         let (sz, th) = (self.sizes, pool_threads());
-        for (&i, &col) in ids.iter().zip(cols) {
-            let Some(mask) = self.masks[i] else { continue };
+        let mut col = 0;
+        for &i in ids {
             let (din, dout) = sz.io(i);
+            col += dout;
+            let Some(mask) = self.masks[i] else { continue };
+            let col = col - dout;
             let rows = x.len() / din;
             let delta = dropout_delta(x, mask);
             let am = Mat::new(&a[sz.a_at(i)..], din).t();
