@@ -281,11 +281,43 @@ struct Part<'a> {
 /// adapter sees and the input the merged weight sees.
 fn dropout_delta(x: &[f32], mask: DropoutMask) -> Vec<f32> {
     par_filled(x.len(), CHUNK, |c, out| {
-        let base = c * CHUNK;
-        for (j, (o, v)) in out.iter_mut().zip(&x[base..]).enumerate() {
-            o.write(v * (mask.scale(base + j) - 1.0));
+        let mut m = [0f32; MASK_BLOCK];
+        for (k, (o, v)) in out
+            .chunks_mut(MASK_BLOCK)
+            .zip(x[c * CHUNK..].chunks(MASK_BLOCK))
+            .enumerate()
+        {
+            let m = &mut m[..o.len()];
+            mask.fill(c * CHUNK + k * MASK_BLOCK, m);
+            for ((o, v), m) in o.iter_mut().zip(v).zip(m.iter()) {
+                o.write(v * (m - 1.0));
+            }
         }
     })
+}
+
+/// Mask values computed per block on the stack before they are applied.
+const MASK_BLOCK: usize = 256;
+
+/// `dx += (mask - 1) * t`, element-wise.
+fn add_dropout_delta(dx: &mut [f32], t: &[f32], mask: DropoutMask) {
+    dx.par_chunks_mut(CHUNK)
+        .zip(t.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (d, t))| {
+            let mut m = [0f32; MASK_BLOCK];
+            for (k, (d, t)) in d
+                .chunks_mut(MASK_BLOCK)
+                .zip(t.chunks(MASK_BLOCK))
+                .enumerate()
+            {
+                let m = &mut m[..d.len()];
+                mask.fill(c * CHUNK + k * MASK_BLOCK, m);
+                for ((d, t), m) in d.iter_mut().zip(t).zip(m.iter()) {
+                    *d += (m - 1.0) * t;
+                }
+            }
+        });
 }
 
 /// LoRA gradients of adapters sharing the dense input `x` (`(rows, din)`): adapter `j` has
@@ -402,14 +434,7 @@ fn adapter_grads(
         );
         drop(delta);
         let back = sgemm_new(rows, din, r, 1.0, guj, Mat::new(&a[j * r * din..], din), th);
-        dx.par_chunks_mut(CHUNK)
-            .zip(back.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (d, t))| {
-                for (i, (d, t)) in d.iter_mut().zip(t).enumerate() {
-                    *d += (mask.scale(c * CHUNK + i) - 1.0) * t;
-                }
-            });
+        add_dropout_delta(dx, &back, mask);
     }
 }
 

@@ -622,9 +622,24 @@ impl DropoutMask {
 
     /// `keep_scale` for a kept element `i`, 0 for a dropped one. murmur3's finaliser over
     /// the index mixed with the key: 32-bit integer steps that vectorize.
+    #[cfg(test)]
+    fn scale(&self, i: usize) -> f32 {
+        self.scale32(i as u32)
+    }
+
+    /// [`Self::scale`] of elements `start..start + out.len()`, written to `out`: a plain
+    /// counted loop over 32-bit lanes, which the compiler vectorizes (indices wrap at 2^32,
+    /// as in `scale`).
+    pub fn fill(&self, start: usize, out: &mut [f32]) {
+        let base = start as u32;
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = self.scale32(base.wrapping_add(j as u32));
+        }
+    }
+
     #[inline(always)]
-    pub fn scale(&self, i: usize) -> f32 {
-        let mut h = (i as u32 ^ self.k0)
+    fn scale32(&self, i: u32) -> f32 {
+        let mut h = (i ^ self.k0)
             .wrapping_mul(0x9E37_79B1)
             .wrapping_add(self.k1);
         h ^= h >> 16;
@@ -643,7 +658,8 @@ impl DropoutMask {
 /// Inverted dropout with probability `p`, the mask from this thread's stream.
 fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     let mask = DropoutMask::new(next_dropout_key(), p);
-    let m: Vec<f32> = (0..x.elem_count()).map(|i| mask.scale(i)).collect();
+    let mut m = vec![0f32; x.elem_count()];
+    mask.fill(0, &mut m);
     let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * m)?)
 }
@@ -677,6 +693,12 @@ mod tests {
             .count();
         assert!((pairs as f64 / n as f64 - 0.81).abs() < 0.003);
         assert!((0..1000).all(|i| DropoutMask::new(k1, 0.0).scale(i) == 1.0));
+        let mut block = vec![0f32; 1000];
+        a.fill(12_345, &mut block);
+        assert!(block
+            .iter()
+            .enumerate()
+            .all(|(j, v)| *v == a.scale(12_345 + j)));
     }
 
     #[test]
