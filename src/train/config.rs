@@ -461,11 +461,13 @@ mod tests {
         let o = TrainOverrides {
             lr: Some(1e-3),
             lora_r: Some(4),
+            lora_dropout: Some(0.05),
             max_steps: Some(7),
             ..Default::default()
         };
         let c2 = o.apply(&c);
         assert_eq!((c2.lr, c2.lora.r, c2.max_steps), (1e-3, 4, Some(7)));
+        assert_eq!(c2.lora.dropout, 0.05);
         assert_eq!(c.diff(&c2), vec!["lora", "lr", "max_steps"]);
         let mut bad = c2.clone();
         bad.batch_size = 0;
@@ -475,8 +477,16 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(msg.contains("batch_size"), "{msg}");
-        bad = c2;
+        bad = c2.clone();
         bad.lora.target_modules = vec!["lm_head".into()];
         assert!(bad.validate().is_err());
+        bad = c2;
+        bad.lora.dropout = 1.0;
+        let msg = bad
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(msg.contains("dropout"), "{msg}");
     }
 }
