@@ -2,11 +2,11 @@
 //!
 //! candle's autograd pays for every edge of the graph: a zeroed gradient buffer and a
 //! single-threaded add per input, and every node keeps its inputs alive until the backward
-//! pass. A Llama-style layer built from the separate fused ops of [`super::ops`] still has a
-//! dozen such edges on `(tokens, hidden)`-sized tensors. Here the layer is one
-//! [`CustomOp3`] over the layer input and the layer's seven adapters packed into two flat
-//! vectors (A and B), and its backward pass is the chain rule written out below, step by step
-//! in the reverse order of the forward pass.
+//! pass. A Llama-style layer built from candle's operations has dozens of such edges on
+//! `(tokens, hidden)`-sized tensors. Here the layer is one [`CustomOp3`] over the layer input
+//! and the layer's seven adapters packed into two flat vectors (A and B), and its backward
+//! pass is the chain rule written out below, step by step in the reverse order of the forward
+//! pass, on the kernels of [`super::ops`].
 //!
 //! Being one node also lets products share work: q, k and v are one product against their
 //! stacked merged weights `[Wq'; Wk'; Wv']`, and their rank-r updates one product of rank 3r;
@@ -15,7 +15,7 @@
 //! Kept for the backward pass: the normalised inputs of both blocks, the rotated q/k/v, the
 //! attention output and its log-sum-exp, the mid-layer residual and the gate/up
 //! pre-activations (the attention probabilities and the SwiGLU output are recomputed). That
-//! is about two thirds of what the per-op graph keeps alive.
+//! is a fraction of what a graph of candle's operations keeps alive.
 //!
 //! Adapter dropout keeps the merged-weight products: the adapter of a projection should see
 //! `x * mask` where the merged weight saw `x`, so each adapted projection adds the rank-r
@@ -1056,8 +1056,8 @@ mod tests {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
 
-    /// The fused node agrees with the per-op path (itself checked against candle autograd)
-    /// on the output and on the gradients of the input and of all fourteen adapter tensors:
+    /// The fused node agrees with the same layer run op by op through candle and its autograd
+    /// on the output and on the gradients of the input and of every adapter tensor:
     /// two packed rows of several query blocks, grouped-query heads, with and without biases.
     fn fused_matches_per_op(
         model_type: &str,

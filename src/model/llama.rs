@@ -5,7 +5,7 @@
 
 use super::layer_op::{decoder_layer, LayerContext, LayerRefs};
 use super::lora::{LoraLinear, LoraVarBuilder};
-use super::ops::{attention_heads, fused_f32, rope_heads};
+use super::ops::fused_f32;
 use super::{
     apply_rope, attention, repeat_kv, Config, ForwardOptions, Mlp, ModelError, ModelOutput,
     Packing, Result, RmsNorm, RotaryEmbedding,
@@ -54,33 +54,20 @@ impl Attention {
         let q = self.q_proj.forward(xs, train)?;
         let k = self.k_proj.forward(xs, train)?;
         let v = self.v_proj.forward(xs, train)?;
+        let heads = |x: Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
         let (nh, nkv) = (self.num_heads, self.num_kv_heads);
-        // The fused ops read the heads out of `(batch, seq, heads * head_dim)` as it is.
-        let fused = match (
-            rope_heads(&q, nh, cos, sin)?,
-            rope_heads(&k, nkv, cos, sin)?,
-        ) {
-            (Some(q), Some(k)) => attention_heads(&q, &k, &v, nh, nkv, mask)?,
-            _ => None,
-        };
-        let split = |x: Tensor, n: usize| x.reshape((b, t, n, self.head_dim));
-        let (q, k, v) = (split(q, nh)?, split(k, nkv)?, split(v, nkv)?);
-        let y = match fused {
-            Some(y) => y,
-            None => {
-                let heads = |x: Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.contiguous()?) };
-                let q = apply_rope(&heads(q)?, cos, sin)?;
-                let k = apply_rope(&heads(k)?, cos, sin)?;
-                let n_rep = self.num_heads / self.num_kv_heads;
-                let k = repeat_kv(k, n_rep)?;
-                let v = repeat_kv(heads(v)?, n_rep)?;
-                attention(&q, &k, &v, mask)?.transpose(1, 2)?.reshape((
-                    b,
-                    t,
-                    self.num_heads * self.head_dim,
-                ))?
-            }
-        };
+        let q = apply_rope(&heads(q, nh)?, cos, sin)?;
+        let k = apply_rope(&heads(k, nkv)?, cos, sin)?;
+        let k = repeat_kv(k, nh / nkv)?;
+        let v = repeat_kv(heads(v, nkv)?, nh / nkv)?;
+        let y =
+            attention(&q, &k, &v, mask)?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * self.head_dim))?;
         self.o_proj.forward(&y, train)
     }
 }

@@ -6,7 +6,7 @@
 //! (`base_model.model.<module path>.lora_A.weight`), so saving the map *is* the PEFT export and
 //! a PEFT adapter can be loaded back without renaming.
 
-use super::{ops, ModelError, Result};
+use super::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 use serde_json::{json, Value};
@@ -398,33 +398,33 @@ impl LoraLinear {
         self.lora.as_ref()
     }
 
-    /// `x W^T + b + scale * dropout(x) A^T B^T` over the last dimension of `xs`.
+    /// `x W^T + b + scale * dropout(x) A^T B^T` over the last dimension of `xs`, with
+    /// candle's own operations. (In training on f32 CPU tensors the decoder layer runs the
+    /// projections in its fused node instead; this path serves other dtypes and devices.)
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let dims = xs.dims().to_vec();
+        let mut dims = xs.dims().to_vec();
         let in_dim = *dims
             .last()
             .ok_or_else(|| ModelError::Input("linear input is a scalar".into()))?;
-        // The fused ops take any number of leading dimensions, so the common paths add no
-        // reshape nodes to the graph.
-        let mut y = match &self.lora {
-            Some(l) if train && l.dropout > 0.0 => {
-                let rows = xs.elem_count() / in_dim.max(1);
-                let x2 = xs.reshape((rows, in_dim))?;
-                let xd = dropout(&x2, l.dropout)?;
-                let delta = (xd.matmul(&l.lora_a.t()?)? * l.scale)?.matmul(&l.lora_b.t()?)?;
-                let y = (ops::frozen_linear(&x2, &self.weight)? + delta)?;
-                let mut out_dims = dims;
-                let last = out_dims.len() - 1;
-                out_dims[last] = self.weight.dim(0)?;
-                y.reshape(out_dims)?
-            }
-            Some(l) => ops::lora_linear(xs, &self.weight, &l.lora_a, &l.lora_b, l.scale)?,
-            None => ops::frozen_linear(xs, &self.weight)?,
-        };
+        let x2 = xs.reshape((xs.elem_count() / in_dim.max(1), in_dim))?;
+        // The base weight is detached: its gradient is never needed.
+        let mut y = x2.matmul(&self.weight.detach().t()?)?;
+        if let Some(l) = &self.lora {
+            let xa = if train && l.dropout > 0.0 {
+                dropout(&x2, l.dropout)?
+            } else {
+                x2.clone()
+            };
+            let delta = (xa.matmul(&l.lora_a.t()?)? * l.scale)?.matmul(&l.lora_b.t()?)?;
+            y = (y + delta)?;
+        }
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        Ok(y)
+        if let Some(last) = dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        Ok(y.reshape(dims)?)
     }
 }
 

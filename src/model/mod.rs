@@ -718,37 +718,10 @@ impl Mlp {
 
     /// Applies the MLP to `(batch, seq, hidden)`.
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(h) = self.fused_gate_up(xs, train)? {
-            return self.down_proj.forward(&h, train);
-        }
         let gate = self.gate_proj.forward(xs, train)?;
         let up = self.up_proj.forward(xs, train)?;
-        let h = match ops::swiglu(&gate, &up)? {
-            Some(h) => h,
-            None => (candle_nn::ops::silu(&gate)? * up)?,
-        };
+        let h = (candle_nn::ops::silu(&gate)? * up)?;
         self.down_proj.forward(&h, train)
-    }
-
-    /// Gate, up and SwiGLU as one fused node when both projections carry adapters of the same
-    /// rank and scale with no dropout in play and no biases.
-    fn fused_gate_up(&self, xs: &Tensor, train: bool) -> Result<Option<Tensor>> {
-        let (g, u) = (&self.gate_proj, &self.up_proj);
-        let (Some(ga), Some(ua)) = (g.adapter(), u.adapter()) else {
-            return Ok(None);
-        };
-        let dropout = train && (ga.dropout > 0.0 || ua.dropout > 0.0);
-        if dropout || g.bias().is_some() || u.bias().is_some() || ga.scale != ua.scale {
-            return Ok(None);
-        }
-        Ok(ops::gated_lora(
-            xs,
-            g.weight(),
-            u.weight(),
-            (&ga.lora_a, &ga.lora_b),
-            (&ua.lora_a, &ua.lora_b),
-            ga.scale,
-        )?)
     }
 }
 
