@@ -25,8 +25,8 @@
 use super::gemm::{par_filled, pool_threads, sgemm, sgemm_new, Mat};
 use super::lora::{next_dropout_key, DropoutMask, LoraAdapter, LoraLinear};
 use super::ops::{
-    f32_slice, f32_storage, fused_f32, rms_norm_grad_row, rms_norm_row, rope_rows, sigmoid,
-    with_f32, AttentionOp, Dims, Shared, CHUNK,
+    f32_slice, f32_storage, fused_f32, norm_grad_add, norm_rows, rope_rows, sigmoid, with_f32,
+    AttentionOp, Dims, Shared, CHUNK,
 };
 use super::RmsNorm;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -194,38 +194,10 @@ impl<'a> View<'a> {
     }
 }
 
-/// `RMSNorm` of every row of `x` (row length `w.len()`), on the rayon pool.
-fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let n = w.len();
-    let step = n * (CHUNK / n).max(1);
-    par_filled(x.len(), step, |i, yc| {
-        let xc = &x[i * step..i * step + yc.len()];
-        for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-            rms_norm_row(xr, w, eps, |j, v| {
-                yr[j].write(v);
-            });
-        }
-    })
-}
-
-/// `dx += d norm(x) / dx * g` for every row.
-fn norm_grad_add(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
-    let n = w.len();
-    let step = n * (CHUNK / n).max(1);
-    dx.par_chunks_mut(step)
-        .zip(x.par_chunks(step))
-        .zip(g.par_chunks(step))
-        .for_each(|((dc, xc), gc)| {
-            for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
-                rms_norm_grad_row(xr, gr, w, eps, |j, v| dr[j] += v);
-            }
-        });
-}
-
-/// Adds `bias` to columns `col..col + bias.len()` of every row (row stride `ld`).
-fn add_bias(y: &mut [f32], ld: usize, col: usize, bias: &[f32]) {
-    y.par_chunks_mut(ld).for_each(|row| {
-        for (v, b) in row[col..col + bias.len()].iter_mut().zip(bias) {
+/// Adds `bias` to every row of `y`.
+fn add_bias(y: &mut [f32], bias: &[f32]) {
+    y.par_chunks_mut(bias.len()).for_each(|row| {
+        for (v, b) in row.iter_mut().zip(bias) {
             *v += b;
         }
     });
@@ -581,7 +553,7 @@ impl LayerOp {
             None => sgemm_new(rows, width, din, 1.0, xm, wm, pool_threads()),
         };
         if let Some(bias) = bias {
-            add_bias(&mut y, width, 0, bias);
+            add_bias(&mut y, bias);
         }
         self.dropout_forward(ids, x, ab, (&mut y, width), u_drop);
         y

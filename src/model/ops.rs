@@ -236,11 +236,32 @@ pub(crate) fn rms_norm_grad_row(
     }
 }
 
-impl RmsNormOp {
-    /// Rows per parallel chunk.
-    fn rows_per_chunk(&self) -> usize {
-        (CHUNK / self.w.len()).max(1)
-    }
+/// RMSNorm of every row of `x` (row length `w.len()`), on the rayon pool.
+pub(crate) fn norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let step = n * (CHUNK / n).max(1);
+    par_filled(x.len(), step, |i, yc| {
+        let xc = &x[i * step..i * step + yc.len()];
+        for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+            rms_norm_row(xr, w, eps, |j, v| {
+                yr[j].write(v);
+            });
+        }
+    })
+}
+
+/// `dx += d norm(x) / dx * g` for every row.
+pub(crate) fn norm_grad_add(x: &[f32], g: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+    let n = w.len();
+    let step = n * (CHUNK / n).max(1);
+    dx.par_chunks_mut(step)
+        .zip(x.par_chunks(step))
+        .zip(g.par_chunks(step))
+        .for_each(|((dc, xc), gc)| {
+            for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
+                rms_norm_grad_row(xr, gr, w, eps, |j, v| dr[j] += v);
+            }
+        });
 }
 
 impl CustomOp1 for RmsNormOp {
@@ -249,34 +270,16 @@ impl CustomOp1 for RmsNormOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l)?;
-        let n = self.w.len();
-        let step = n * self.rows_per_chunk();
-        let y = par_filled(x.len(), step, |i, yc| {
-            let xc = &x[i * step..i * step + yc.len()];
-            for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                rms_norm_row(xr, &self.w, self.eps, |i, v| {
-                    yr[i].write(v);
-                });
-            }
-        });
+        let y = norm_rows(f32_slice(s, l)?, &self.w, self.eps);
         Ok(f32_storage(y, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let n = self.w.len();
-        let step = n * self.rows_per_chunk();
         let dx = with_f32(x, |xv| {
             with_f32(g, |gv| {
-                par_filled(xv.len(), step, |i, dc| {
-                    let span = i * step..i * step + dc.len();
-                    let (xc, gc) = (&xv[span.clone()], &gv[span]);
-                    for ((dr, xr), gr) in dc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
-                        rms_norm_grad_row(xr, gr, &self.w, self.eps, |i, v| {
-                            dr[i].write(v);
-                        });
-                    }
-                })
+                let mut dx = vec![0f32; xv.len()];
+                norm_grad_add(xv, gv, &self.w, self.eps, &mut dx);
+                dx
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
