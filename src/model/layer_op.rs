@@ -467,22 +467,22 @@ impl LayerOp {
         (self.attn.with_dims(dm), dm)
     }
 
-    /// Runs `f` on the frozen tensors' elements: the two norm weights, the seven weights and
-    /// the biases (stacked per product: q/k/v, o, gate/up, down).
-    fn with_frozen<R>(&self, f: impl FnOnce(&[&[f32]; 2], &[&[f32]], &Biases) -> R) -> Result<R> {
+    /// Runs `f` on the frozen tensors' elements, borrowed in place: the two norm weights and
+    /// the seven projection weights.
+    fn with_frozen<R>(&self, f: impl FnOnce(&[&[f32]; 2], &[&[f32]]) -> R) -> Result<R> {
         let ln: Vec<View> = self.ln.iter().map(View::of).collect();
         let w: Vec<View> = self.w.iter().map(View::of).collect();
         let ln = [ln[0].get()?, ln[1].get()?];
         let w = w.iter().map(View::get).collect::<Result<Vec<_>>>()?;
-        let biases = Biases::new(&self.bias, &self.sizes)?;
-        Ok(f(&ln, &w, &biases))
+        Ok(f(&ln, &w))
     }
 
     /// The forward pass on raw buffers: the layer output and what the backward pass needs.
     fn run(&self, x: &[f32], a: &[f32], b: &[f32]) -> Result<(Vec<f32>, Saved)> {
         let sz = self.sizes;
         let (nq, nkv, n, inter) = (sz.q(), sz.kv(), sz.qkv(), sz.inter);
-        self.with_frozen(|ln, w, bias| {
+        let bias = Biases::new(&self.bias, &self.sizes)?;
+        self.with_frozen(|ln, w| {
             let m = self.merged(w, a, b);
             let mut u_drop: [Vec<f32>; 7] = Default::default();
             let mut project = |ids: &[usize], x: &[f32], merged: &[f32], bias, residual| {
@@ -623,7 +623,7 @@ impl LayerOp {
             gu,
             u_drop,
         } = saved;
-        self.with_frozen(|ln, w, _| {
+        self.with_frozen(|ln, w| {
             let m = self.merged(w, a, b);
             let (mut da, mut db) = (vec![0f32; a.len()], vec![0f32; b.len()]);
             // The adapters of projections `ids` (output columns `cols` of `g`) with input `x`.
