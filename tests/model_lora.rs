@@ -309,8 +309,15 @@ fn packed_sequences_do_not_attend_across_samples() -> R<()> {
         let out = m.forward(&ids(&packed_ids)?, &p, &ForwardOptions::default())?;
         let rows = Tensor::new(&[5u32, 6, 7, 8], &Device::Cpu)?;
         let packed = m.logits_at(&out.hidden, &rows)?.to_vec2::<f32>()?;
+        // Equal up to f32 rounding, which grows with the logits' size (and with the row count,
+        // which sets the products' blocking): within 1e-5 of the largest logit. Attending
+        // across samples changes the logits by whole units (below).
         let d = max_diff(&packed, &alone);
-        assert!(d < 1e-5, "{mt}: packed sample differs by {d}");
+        let scale = alone.iter().flatten().fold(1f32, |m, v| m.max(v.abs()));
+        assert!(
+            d < 1e-5 * scale,
+            "{mt}: packed sample differs by {d} (logits up to {scale})"
+        );
         // Without the segment mask the second sample would see the first.
         let p_causal = Packing::from_segments(
             &[vec![0; 9]],
@@ -319,7 +326,7 @@ fn packed_sequences_do_not_attend_across_samples() -> R<()> {
         )?;
         let out = m.forward(&ids(&packed_ids)?, &p_causal, &ForwardOptions::default())?;
         let leaky = m.logits_at(&out.hidden, &rows)?.to_vec2::<f32>()?;
-        assert!(max_diff(&leaky, &alone) > 1e-4);
+        assert!(max_diff(&leaky, &alone) > 1e-2);
     }
     Ok(())
 }
