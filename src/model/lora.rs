@@ -606,7 +606,7 @@ pub(crate) struct DropoutMask {
     /// Elements whose hash is below this are dropped (`p * 2^32`).
     threshold: u32,
     /// `1 / (1 - p)`, the scale of kept elements.
-    pub keep_scale: f32,
+    keep_scale: f32,
 }
 
 impl DropoutMask {

@@ -192,7 +192,7 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
 
 /// One row of RMSNorm, `y = x / rms(x) * w`, written through `out(i, y_i)`.
 #[inline]
-pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, mut out: impl FnMut(usize, f32)) {
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, mut out: impl FnMut(usize, f32)) {
     let r = inv_rms(x, eps);
     for (i, (v, w)) in x.iter().zip(w).enumerate() {
         out(i, v * r * w);
@@ -202,13 +202,7 @@ pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, mut out: impl FnMut(u
 /// One row of the RMSNorm backward pass for the output gradient `g`, `dx_i` passed to
 /// `out(i, dx_i)` (to be stored or added).
 #[inline]
-pub(crate) fn rms_norm_grad_row(
-    x: &[f32],
-    g: &[f32],
-    w: &[f32],
-    eps: f32,
-    mut out: impl FnMut(usize, f32),
-) {
+fn rms_norm_grad_row(x: &[f32], g: &[f32], w: &[f32], eps: f32, mut out: impl FnMut(usize, f32)) {
     let r = inv_rms(x, eps);
     // sum_i x_i g_i w_i in lanes, as in `dot`.
     let mut acc = [0f32; LANES];
