@@ -239,3 +239,219 @@ async fn distill_round(
     .await?;
     Ok(s.completion_tokens as f64 / t.elapsed().as_secs_f64())
 }
+
+/// Flags of `distill bench engine`.
+#[derive(Debug, Args)]
+pub struct EngineBenchArgs {
+    /// GGUF file or Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Sequences decoded together, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub seqs: Vec<usize>,
+    /// Tokens decoded per sequence (end-of-sequence ignored, so every sequence runs to it).
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Tokens per sequence for mistral.rs (slow on CPU: keep it short).
+    #[arg(long, default_value_t = 32)]
+    pub mistralrs_max_tokens: u32,
+    /// Skip mistral.rs (the peer measured in the same run).
+    #[arg(long)]
+    pub no_mistralrs: bool,
+}
+
+/// Peak and current resident memory of this process, in MB (`VmHWM`, `VmRSS`).
+fn memory_mb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Chat prompts of a few dozen tokens each, all different.
+fn bench_prompts(e: &crate::infer::Engine, n: usize) -> anyhow::Result<Vec<Vec<u32>>> {
+    use crate::model::tokenizer::ChatMessage;
+    (0..n)
+        .map(|i| {
+            let q = format!(
+                "Mia has {} apples. She buys {} bags with {} apples in each bag and gives {} apples away. How many apples does Mia have now? Think step by step.",
+                10 + i % 37,
+                2 + i % 5,
+                3 + i % 7,
+                1 + i % 4
+            );
+            Ok(e.encode_chat(&[ChatMessage::new("user", q)])?)
+        })
+        .collect()
+}
+
+/// The batched engine: prompt and decode tokens/s at several batch sizes, a long prompt,
+/// teacher-forced scoring against the trainer's forward pass, and mistral.rs in the same run.
+pub async fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
+    use crate::infer::{BatchConfig, Engine, Request, SamplingParams, ScoreRequest};
+    let t = Instant::now();
+    let e = Engine::load(&a.model, None)?;
+    let (hwm, _) = memory_mb();
+    println!(
+        "bench engine: {} ({} layers, hidden {}, vocab {}); load {:.1} s, weights {:.0} MB, peak RSS {hwm:.0} MB; {} rayon threads",
+        a.model.display(),
+        e.weights().dims().layers,
+        e.weights().dims().hidden,
+        e.weights().dims().vocab,
+        t.elapsed().as_secs_f64(),
+        e.weights().bytes() as f64 / 1e6,
+        rayon::current_num_threads()
+    );
+    let kv_mb = |tokens: usize| (tokens * e.kv_bytes_per_token()) as f64 / 1e6;
+    let params = |max_tokens: usize| SamplingParams {
+        max_tokens,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let max_seqs = a.seqs.iter().copied().max().unwrap_or(1).max(1);
+    let prompts = bench_prompts(&e, max_seqs)?;
+    // Warm-up: page the weights in, size the allocator.
+    e.generate(
+        vec![Request {
+            prompt: prompts[0].clone(),
+            params: params(4),
+        }],
+        BatchConfig::default(),
+        |_, _| {},
+    );
+    println!(
+        "  {:>5} | {:>14} | {:>14} | {:>9} | {:>10} | {:>12}",
+        "seqs", "prompt tok/s", "decode tok/s", "TTFT s", "KV MB", "peak RSS MB"
+    );
+    let mut candle_decode = Vec::new();
+    for &s in &a.seqs {
+        let s = s.max(1);
+        let reqs = |n: usize| -> Vec<Request> {
+            prompts[..s]
+                .iter()
+                .map(|p| Request {
+                    prompt: p.clone(),
+                    params: params(n),
+                })
+                .collect()
+        };
+        let cfg = BatchConfig {
+            max_seqs: s,
+            max_step_tokens: 4096,
+            ..BatchConfig::default()
+        };
+        let prompt_tokens: usize = prompts[..s].iter().map(Vec::len).sum();
+        let t0 = Instant::now();
+        e.generate(reqs(1), cfg, |_, _| {});
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let out = e.generate(reqs(a.max_tokens + 1), cfg, |_, _| {});
+        let total = t1.elapsed().as_secs_f64();
+        let decoded: usize = out.iter().map(|c| c.tokens.len().saturating_sub(1)).sum();
+        let decode = decoded as f64 / (total - prefill).max(1e-9);
+        let (hwm, _) = memory_mb();
+        let kv = kv_mb(prompt_tokens + s * (a.max_tokens + 1));
+        println!(
+            "  {s:>5} | {:>14.1} | {decode:>14.1} | {prefill:>9.3} | {kv:>10.1} | {hwm:>12.0}",
+            prompt_tokens as f64 / prefill
+        );
+        candle_decode.push((s, decode));
+    }
+    // One long prompt (llama.cpp's pp512).
+    let long: Vec<u32> = prompts.iter().flatten().copied().take(512).collect();
+    let long = if long.len() < 512 {
+        long.iter().cycle().take(512).copied().collect()
+    } else {
+        long
+    };
+    let t0 = Instant::now();
+    e.generate(
+        vec![Request {
+            prompt: long.clone(),
+            params: params(1),
+        }],
+        BatchConfig {
+            max_step_tokens: 512,
+            ..BatchConfig::default()
+        },
+        |_, _| {},
+    );
+    let pp = 512.0 / t0.elapsed().as_secs_f64();
+    println!("  one 512-token prompt: {pp:.1} tok/s");
+
+    // Teacher-forced scoring vs the trainer's forward pass (same 8 x 256 tokens).
+    let seqs: Vec<Vec<u32>> = (0..8)
+        .map(|i| long.iter().cycle().skip(i * 7).take(256).copied().collect())
+        .collect();
+    let t0 = Instant::now();
+    e.score(
+        seqs.iter()
+            .map(|s| ScoreRequest {
+                tokens: s.clone(),
+                top_k: 20,
+            })
+            .collect(),
+        &[],
+        BatchConfig {
+            max_step_tokens: 1024,
+            ..BatchConfig::default()
+        },
+    )?;
+    let score_rate = (8 * 256) as f64 / t0.elapsed().as_secs_f64();
+    let trainer_rate = {
+        use crate::model::{ForwardOptions, Packing};
+        use candle_core::{Device, Tensor};
+        let dev = Device::Cpu;
+        let base = crate::model::load::BaseModel::load(&a.model, &dev)?;
+        let student = base.student(None, candle_core::DType::F32, &dev)?;
+        let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
+        let input = Tensor::from_vec(flat, (8, 256), &dev)?;
+        let packing = Packing::causal(8, 256, &dev)?;
+        let t0 = Instant::now();
+        let out = student.forward(&input, &packing, &ForwardOptions::default())?;
+        let rows = Tensor::arange(0u32, 8 * 256, &dev)?;
+        // The trainer computes logits in chunks for its loss; all rows at once here.
+        let logits = student.logits_at(&out.hidden, &rows)?;
+        let _ = logits.dims();
+        (8 * 256) as f64 / t0.elapsed().as_secs_f64()
+    };
+    println!(
+        "  teacher-forced scoring (8 x 256, top-20 + log-sum-exp): {score_rate:.1} tok/s; trainer forward + logits: {trainer_rate:.1} tok/s ({:.2}x)",
+        score_rate / trainer_rate
+    );
+
+    if a.no_mistralrs {
+        return Ok(());
+    }
+    // The peer in the same run: mistral.rs on the same file, same prompts, greedy.
+    let teacher = LocalTeacher::load(&LocalConfig {
+        model: a.model.display().to_string(),
+        model_file: None,
+        revision: None,
+        max_num_seqs: max_seqs,
+        force_cpu: true,
+        chat_template: None,
+    })
+    .await?;
+    let template = PromptTemplate::load("gsm8k")?;
+    raw_round(&teacher, &template, &synthetic_problems(1), 4).await?;
+    println!(
+        "  {:>5} | {:>22} | {:>17} | {:>7}",
+        "seqs", "mistral.rs tok/s (e2e)", "candle decode", "ratio"
+    );
+    for (s, candle) in candle_decode {
+        let problems = synthetic_problems(s);
+        let rate = raw_round(&teacher, &template, &problems, a.mistralrs_max_tokens).await?;
+        println!(
+            "  {s:>5} | {rate:>22.1} | {candle:>17.1} | {:>6.1}x",
+            candle / rate.max(1e-9)
+        );
+    }
+    Ok(())
+}

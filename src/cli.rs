@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::data::dataset::{self, FieldMap, Preset};
 use crate::data::prompt::PromptTemplate;
 use crate::generate::{self, GenerateConfig, GenerateSummary};
+use crate::infer::BatchConfig;
+use crate::teacher::candle::{CandleConfig, CandleTeacher};
 use crate::teacher::local::{LocalConfig, LocalTeacher};
 use crate::teacher::openai::{ApiKey, LogprobBase, OpenAiConfig, OpenAiTeacher};
 use crate::teacher::Teacher;
@@ -40,9 +42,40 @@ pub enum Command {
     Train(TrainArgs),
     /// Fold a PEFT adapter into its base model and write a Hugging Face directory.
     Merge(MergeArgs),
+    /// Run the whole pipeline from a config: generate, filter, train, eval before and after.
+    Run(crate::run::RunArgs),
+    /// Evaluate a model on a problem set with the filter's checkers (pass@k, maj@k, 95%
+    /// intervals), or compare two evaluations (`--compare A B`).
+    Eval(EvalArgs),
     /// Measure throughput against a peer in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Flags of `distill eval`: the generate flags (model, adapter, engine, sampling), an output
+/// directory and the checker.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Output directory: traces.jsonl, results.jsonl, summary.json (rerun to resume).
+    #[arg(long, required_unless_present = "compare")]
+    pub out_dir: Option<PathBuf>,
+    /// Compare two evaluation directories (A the baseline, B the candidate) on their shared
+    /// problems instead of evaluating; writes compare.json into --out-dir, else into B.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub compare: Vec<PathBuf>,
+    /// Answer checker.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub checker: crate::filter::stage::CheckerKind,
+    /// Math checker time budget per sample, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub math_budget_ms: u64,
+    /// Code checker wall-clock limit per program, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub code_timeout: f64,
+    /// Model, sampling and dataset (as for `generate`; `--out` is unused: traces go to
+    /// OUT_DIR/traces.jsonl). Greedy unless --temperature is given.
+    #[command(flatten)]
+    pub gen: GenerateArgs,
 }
 
 /// Flags of `distill filter`.
@@ -251,12 +284,24 @@ pub enum TeacherKind {
     Openai,
 }
 
+/// Which embedded engine runs a local teacher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    /// candle where the model code implements the architecture (Llama, Qwen2 from a local GGUF
+    /// or Hugging Face directory), mistral.rs otherwise.
+    Auto,
+    /// This project's batched engine: continuous batching, honoured seeds, LoRA adapters.
+    Candle,
+    /// mistral.rs, one sequence at a time (its batched sampling mixes sequences up).
+    Mistralrs,
+}
+
 /// Flags of `distill generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Problem set: JSONL (one object per line) or a JSON array.
+    /// Problem set: JSONL (one object per line) or a JSON array. Required.
     #[arg(long)]
-    pub dataset: PathBuf,
+    pub dataset: Option<PathBuf>,
     /// Shape of the dataset rows (auto detects from the first row).
     #[arg(long, value_enum, default_value = "auto")]
     pub preset: Preset,
@@ -284,6 +329,21 @@ pub struct GenerateArgs {
     /// Run the local teacher on the CPU even in an accelerator build.
     #[arg(long)]
     pub cpu: bool,
+    /// Engine of the local teacher.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub engine: EngineKind,
+    /// The teacher's licence, recorded in every trace (default: read from the model's
+    /// metadata: GGUF `general.license`, config.json or the model card).
+    #[arg(long)]
+    pub teacher_license: Option<String>,
+    /// LoRA adapter directory (as `distill train` writes) applied to the local model
+    /// (candle engine).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// KV cache budget of the candle engine, in cached tokens over all sequences decoded
+    /// together (memory: layers x 2 x kv_width x 4 bytes per token).
+    #[arg(long, default_value_t = 32_768)]
+    pub max_batch_tokens: usize,
     /// Base URL of an OpenAI-compatible server; repeat for a fleet.
     #[arg(long = "base-url")]
     pub base_urls: Vec<String>,
@@ -293,12 +353,12 @@ pub struct GenerateArgs {
     /// Samples per problem.
     #[arg(long, default_value_t = 1)]
     pub n: u32,
-    /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.6)]
-    pub temperature: f64,
-    /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f64,
+    /// Sampling temperature (0 = greedy). Default: 0.6 for generate, 0 for eval.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Nucleus sampling mass. Default: 0.95 for generate, 1 for eval.
+    #[arg(long)]
+    pub top_p: Option<f64>,
     /// Completion token budget per sample; longer traces are kept with finish_reason=length.
     #[arg(long, default_value_t = 2048)]
     pub max_tokens: u32,
@@ -314,7 +374,7 @@ pub struct GenerateArgs {
     /// Unit of the server's logprobs (auto recognises mistral.rs's base 10).
     #[arg(long, value_enum, default_value = "auto")]
     pub logprob_base: LogprobBase,
-    /// Requests in flight at once.
+    /// Requests in flight at once; on the candle engine, the sequences decoded together.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Per-request timeout in seconds (openai teacher).
@@ -368,6 +428,9 @@ pub enum BenchCommand {
     Openai(crate::bench::OpenAiBenchArgs),
     /// Embedded engine tokens/s through distill vs mistral.rs driven directly.
     Local(crate::bench::LocalBenchArgs),
+    /// The batched candle engine: prompt/decode tokens/s at 1, 8, 32 sequences, scoring, and
+    /// mistral.rs in the same run.
+    Engine(crate::bench::EngineBenchArgs),
 }
 
 /// What a finished command reports to `main` for the exit code.
@@ -419,6 +482,15 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             rt.block_on(crate::bench::openai(a))?;
             Ok(Outcome::default())
         }
+        Command::Eval(a) => rt.block_on(eval_cmd(a)),
+        Command::Run(a) => {
+            drop(rt);
+            crate::run::run(a)
+        }
+        Command::Bench(BenchCommand::Engine(a)) => {
+            rt.block_on(crate::bench::engine(a))?;
+            Ok(Outcome::default())
+        }
         Command::Bench(BenchCommand::Local(a)) => {
             rt.block_on(crate::bench::local(a))?;
             Ok(Outcome::default())
@@ -426,15 +498,130 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     }
 }
 
-async fn generate_cmd(a: GenerateArgs) -> anyhow::Result<Outcome> {
+async fn eval_cmd(a: EvalArgs) -> anyhow::Result<Outcome> {
+    use crate::eval::{self, EvalConfig};
+    if let [ea, eb] = a.compare.as_slice() {
+        let c = eval::compare(ea, eb)?;
+        let dir = a.out_dir.clone().unwrap_or_else(|| eb.clone());
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        let json = serde_json::to_vec_pretty(&c)?;
+        crate::trace::write_atomically(&dir.join("compare.json"), &json)?;
+        println!("{c}");
+        println!("distill: wrote {}", dir.join("compare.json").display());
+        return Ok(Outcome::default());
+    }
+    let Some(out_dir) = a.out_dir.clone() else {
+        bail!("--out-dir is required (or --compare A B)");
+    };
+    if !(a.code_timeout > 0.0 && a.code_timeout.is_finite() && a.code_timeout < 86_400.0) {
+        bail!("--code-timeout must be a number of seconds in (0, 86400)");
+    }
+    let p = prepare(&a.gen, (0.0, 1.0)).await?;
+    #[cfg(target_os = "linux")]
+    let sandbox = if matches!(
+        a.checker,
+        crate::filter::stage::CheckerKind::Auto | crate::filter::stage::CheckerKind::Code
+    ) && p.problems.iter().any(|q| q.reference.tests.is_some())
+    {
+        use crate::check::code::{Sandbox, SandboxConfig};
+        Some(Sandbox::new(SandboxConfig {
+            wall_timeout: Duration::from_secs_f64(a.code_timeout),
+            cpu_time_limit: Duration::from_secs_f64(a.code_timeout),
+            ..SandboxConfig::default()
+        })?)
+    } else {
+        None
+    };
+    let cfg = EvalConfig {
+        n: a.gen.n,
+        sampling: p.sampling,
+        concurrency: p.concurrency,
+        out_dir: out_dir.clone(),
+        checker: a.checker,
+        math: crate::check::math::MathOptions {
+            budget_ms: a.math_budget_ms,
+            ..Default::default()
+        },
+        #[cfg(target_os = "linux")]
+        sandbox,
+        progress: !a.gen.quiet,
+    };
+    eprintln!(
+        "distill: eval of {} on {} problems × {} samples ({} preset, prompt {}) → {}",
+        p.teacher.info().model,
+        p.problems.len(),
+        a.gen.n,
+        p.preset,
+        p.prompt_name,
+        out_dir.display()
+    );
+    let (summary, _) = eval::run(&p.problems, &p.template, p.teacher, &cfg).await?;
+    println!("{summary}");
+    eprintln!(
+        "distill: wrote {} and {}",
+        out_dir.join("results.jsonl").display(),
+        out_dir.join("summary.json").display()
+    );
+    // Failed samples count as incorrect and are reported in the summary; rerunning retries them.
+    Ok(Outcome::default())
+}
+
+/// Picks the local engine: candle where its model code runs the model, mistral.rs otherwise
+/// (`auto`), or what the user asked for, refusing candle on a model it cannot run.
+fn choose_engine(
+    asked: EngineKind,
+    model: &str,
+    model_file: Option<&str>,
+) -> anyhow::Result<EngineKind> {
+    let path = match model_file {
+        Some(f) => std::path::Path::new(model).join(f),
+        None => PathBuf::from(model),
+    };
+    match asked {
+        EngineKind::Mistralrs => Ok(EngineKind::Mistralrs),
+        EngineKind::Candle => match crate::infer::supports(&path) {
+            Ok(_) => Ok(EngineKind::Candle),
+            Err(why) => bail!("--engine candle: {why}; use --engine mistralrs for this model"),
+        },
+        EngineKind::Auto => match crate::infer::supports(&path) {
+            Ok(_) => Ok(EngineKind::Candle),
+            Err(why) => {
+                eprintln!(
+                    "distill: the candle engine cannot run {model} ({why}); using mistral.rs"
+                );
+                Ok(EngineKind::Mistralrs)
+            }
+        },
+    }
+}
+
+/// What `generate` and `eval` share: the problems, the prompt, the teacher and the sampling.
+struct Prepared {
+    problems: Vec<crate::data::dataset::Problem>,
+    template: PromptTemplate,
+    prompt_name: String,
+    preset: String,
+    teacher: Arc<dyn Teacher>,
+    concurrency: usize,
+    sampling: Sampling,
+}
+
+/// Loads the dataset and the prompt, starts the teacher and checks the sampling flags;
+/// `(temperature, top_p)` are the command's defaults.
+async fn prepare(a: &GenerateArgs, defaults: (f64, f64)) -> anyhow::Result<Prepared> {
+    let Some(dataset) = a.dataset.clone() else {
+        bail!("--dataset is required (a JSONL problem set)");
+    };
+    let temperature = a.temperature.unwrap_or(defaults.0);
+    let top_p = a.top_p.unwrap_or(defaults.1);
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    if !(0.0..=2.0).contains(&a.temperature) {
-        bail!("--temperature {} is outside 0..=2", a.temperature);
+    if !(0.0..=2.0).contains(&temperature) {
+        bail!("--temperature {temperature} is outside 0..=2");
     }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p {} is outside (0, 1]", a.top_p);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("--top-p {top_p} is outside (0, 1]");
     }
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
@@ -447,12 +634,12 @@ async fn generate_cmd(a: GenerateArgs) -> anyhow::Result<Outcome> {
         tests: a.tests_field.clone(),
         entry_point: a.entry_point_field.clone(),
     };
-    let mut ds = dataset::load(&a.dataset, a.preset, &fields, a.skip_invalid)?;
+    let mut ds = dataset::load(&dataset, a.preset, &fields, a.skip_invalid)?;
     if !ds.skipped.is_empty() {
         eprintln!(
             "distill: skipped {} invalid rows of {} (first: {})",
             ds.skipped.len(),
-            a.dataset.display(),
+            dataset.display(),
             ds.skipped[0]
         );
     }
@@ -471,23 +658,63 @@ async fn generate_cmd(a: GenerateArgs) -> anyhow::Result<Outcome> {
         .unwrap_or_else(|| ds.preset.default_prompt().to_string());
     let template = PromptTemplate::load(&prompt_name)?;
 
+    let mut concurrency = a.concurrency.max(1);
     let teacher: Arc<dyn Teacher> = match a.teacher {
         TeacherKind::Local => {
             let Some(model) = a.model.clone() else {
                 bail!("--model is required for --teacher local (a GGUF file, model directory or hub id; scripts/fetch-test-model.sh fetches a small one)");
             };
-            let sp = crate::progress::spinner(&format!("loading {model} with mistral.rs"));
-            let t = LocalTeacher::load(&LocalConfig {
-                model,
-                model_file: a.model_file.clone(),
-                revision: a.revision.clone(),
-                max_num_seqs: a.concurrency.max(1),
-                force_cpu: a.cpu,
-                chat_template: a.chat_template.clone(),
-            })
-            .await;
-            sp.finish_and_clear();
-            Arc::new(t?)
+            let engine = choose_engine(a.engine, &model, a.model_file.as_deref())?;
+            if engine == EngineKind::Candle {
+                let path = match &a.model_file {
+                    Some(f) => std::path::Path::new(&model).join(f),
+                    None => PathBuf::from(&model),
+                };
+                let path = crate::infer::supports(&path).unwrap_or(path);
+                let sp = crate::progress::spinner(&format!("loading {model} (candle engine)"));
+                let cfg = CandleConfig {
+                    model: path,
+                    adapter: a.adapter.clone(),
+                    chat_template: a.chat_template.clone(),
+                    batch: BatchConfig {
+                        max_seqs: concurrency,
+                        max_batch_tokens: a.max_batch_tokens,
+                        ..BatchConfig::default()
+                    },
+                };
+                let t = tokio::task::spawn_blocking(move || CandleTeacher::load(&cfg)).await?;
+                sp.finish_and_clear();
+                let t = t?;
+                eprintln!(
+                    "distill: engine candle, {} sequences decoded together; {}",
+                    concurrency, t.description
+                );
+                Arc::new(t)
+            } else {
+                if a.adapter.is_some() {
+                    bail!("--adapter needs the candle engine (mistral.rs 0.8.1 ignores LoRA adapters on GGUF models)");
+                }
+                if concurrency > 1 {
+                    eprintln!(
+                        "distill: engine mistralrs, one sequence at a time (--concurrency {concurrency} ignored: its batched sampling mixes sequences up)"
+                    );
+                    concurrency = 1;
+                } else {
+                    eprintln!("distill: engine mistralrs");
+                }
+                let sp = crate::progress::spinner(&format!("loading {model} with mistral.rs"));
+                let t = LocalTeacher::load(&LocalConfig {
+                    model,
+                    model_file: a.model_file.clone(),
+                    revision: a.revision.clone(),
+                    max_num_seqs: 1,
+                    force_cpu: a.cpu,
+                    chat_template: a.chat_template.clone(),
+                })
+                .await;
+                sp.finish_and_clear();
+                Arc::new(t?)
+            }
         }
         TeacherKind::Openai => {
             if a.base_urls.is_empty() {
@@ -522,31 +749,58 @@ async fn generate_cmd(a: GenerateArgs) -> anyhow::Result<Outcome> {
         }
     };
 
-    let cfg = GenerateConfig {
-        n: a.n,
+    let licence = a.teacher_license.clone().or_else(|| match a.teacher {
+        TeacherKind::Local => a.model.as_deref().and_then(|m| {
+            let path = match &a.model_file {
+                Some(f) => std::path::Path::new(m).join(f),
+                None => PathBuf::from(m),
+            };
+            crate::teacher::licence::detect(&path)
+        }),
+        TeacherKind::Openai => None,
+    });
+    crate::teacher::licence::announce(licence.as_deref());
+    let teacher: Arc<dyn Teacher> =
+        Arc::new(crate::teacher::licence::Licensed::new(teacher, licence));
+    Ok(Prepared {
+        problems: ds.problems,
+        template,
+        prompt_name,
+        preset: format!("{:?}", ds.preset).to_lowercase(),
+        teacher,
+        concurrency,
         sampling: Sampling {
-            temperature: a.temperature,
-            top_p: a.top_p,
+            temperature,
+            top_p,
             max_tokens: a.max_tokens,
             stop: a.stop.clone(),
             seed: a.seed,
             seed_honoured: None,
             top_logprobs: a.logprobs,
         },
-        concurrency: a.concurrency.max(1),
+    })
+}
+
+async fn generate_cmd(a: GenerateArgs) -> anyhow::Result<Outcome> {
+    let p = prepare(&a, (0.6, 0.95)).await?;
+    let dataset = a.dataset.clone().unwrap_or_default();
+    let cfg = GenerateConfig {
+        n: a.n,
+        sampling: p.sampling,
+        concurrency: p.concurrency,
         out: a.out.clone(),
         progress: !a.quiet,
     };
     eprintln!(
         "distill: {} problems × {} samples from {} ({} preset, prompt {}) → {}",
-        ds.problems.len(),
+        p.problems.len(),
         a.n,
-        a.dataset.display(),
-        format!("{:?}", ds.preset).to_lowercase(),
-        prompt_name,
+        dataset.display(),
+        p.preset,
+        p.prompt_name,
         a.out.display()
     );
-    let summary: GenerateSummary = generate::run(&ds.problems, &template, teacher, &cfg).await?;
+    let summary: GenerateSummary = generate::run(&p.problems, &p.template, p.teacher, &cfg).await?;
     eprintln!("{summary}");
     if summary.interrupted {
         eprintln!(

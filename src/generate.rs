@@ -181,6 +181,20 @@ fn sample_seed(seed: u64, problem_id: &str, index: u32) -> u64 {
     (h ^ (h >> 31)) & 0x7FFF_FFFF
 }
 
+/// The ids of the traces a run with these settings writes, problem by problem and sample by
+/// sample: what an evaluation reads back from a trace file that may hold other runs too.
+pub fn planned_ids(
+    problems: &[Problem],
+    template: &PromptTemplate,
+    teacher: &dyn Teacher,
+    cfg: &GenerateConfig,
+) -> Result<Vec<String>, GenerateError> {
+    Ok(plan(problems, template, teacher, cfg)?
+        .into_iter()
+        .map(|j| j.id)
+        .collect())
+}
+
 /// Plans every sample: renders prompts (failing early on template errors) and computes ids.
 fn plan(
     problems: &[Problem],

@@ -20,10 +20,16 @@
 //! - [`filter`]: rule files, dedup, decontamination and the filter stage (kept / rejected with
 //!   reasons, funnel summary); [`audit`] turns a filter run into a terminal summary and an
 //!   HTML report.
+//! - [`eval`]: generation plus grading on a problem set (pass@k, maj@k, intervals) and the
+//!   paired comparison of two evaluations.
 //! - [`model`]: the candle student (Llama, Qwen2) with LoRA, loaded from HF dirs or GGUF.
+//! - [`infer`]: the batched inference engine on the same model code (continuous batching, KV
+//!   cache, seeded sampling, teacher-forced scoring); the default local teacher.
 //! - [`fake_openai`]: a loopback OpenAI-compatible server with fault injection, used by the test
 //!   suite and by `distill bench` to exercise the client without a real endpoint.
 //! - [`bench`](mod@bench): throughput measurements printed as ratios against a peer measured in the same run.
+//! - [`run`](mod@run): `distill run CONFIG.toml`, every stage chained, skipped when unchanged,
+//!   resumed when interrupted, with a manifest of what produced the result.
 //! - [`cli`]: the subcommands and their flags; `main.rs` only maps results to exit codes.
 
 pub mod audit;
@@ -31,11 +37,14 @@ pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod fake_openai;
 pub mod filter;
 pub mod generate;
+pub mod infer;
 pub mod model;
 pub mod progress;
+pub mod run;
 pub mod teacher;
 pub mod trace;
 pub mod train;

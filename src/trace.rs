@@ -63,6 +63,16 @@ pub struct TeacherInfo {
     /// Hub revision, when one was pinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
+    /// The embedded engine that ran the model (`candle` or `mistralrs`), for local teachers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    /// SHA-256 of the LoRA adapter folded into the model, when one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_sha256: Option<String>,
+    /// The model's licence (from its metadata or `--teacher-license`): some licences restrict
+    /// training on the model's outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license: Option<String>,
 }
 
 /// Sampling parameters of the request. Part of the id.
@@ -145,9 +155,14 @@ pub struct TokenLogprob {
     pub token: String,
     /// ln p(token) under the teacher's sampling distribution (after temperature and top-p).
     pub logprob: f32,
-    /// The top alternatives, same units.
+    /// The top alternatives, same units. The candle engine reports them from the model's own
+    /// distribution (before temperature), the soft labels distillation wants.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top: Vec<(String, f32)>,
+    /// ln p(token) under the model's own distribution (before temperature, top-k, top-p),
+    /// where the backend reports it (the candle engine does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_logprob: Option<f32>,
 }
 
 /// A sample that finally failed after all retries. Its presence marks the record for retry on the
@@ -523,6 +538,9 @@ mod tests {
                 model: "m".into(),
                 file_sha256: None,
                 revision: None,
+                engine: None,
+                adapter_sha256: None,
+                license: None,
             },
             sampling: Sampling {
                 temperature: 0.6,

@@ -23,6 +23,8 @@ fn cli_generates_real_traces_with_the_embedded_engine() {
             "generate",
             "--teacher",
             "local",
+            "--engine",
+            "mistralrs",
             "--model",
             model.to_str().unwrap(),
             "--dataset",
@@ -62,6 +64,7 @@ fn cli_generates_real_traces_with_the_embedded_engine() {
         );
         // mistral.rs has no per-request seed; the record says so.
         assert_eq!(t["sampling"]["seed_honoured"], false);
+        assert_eq!(t["teacher"]["engine"], "mistralrs");
     }
     assert!(stderr(&o).contains("teacher local:"), "{}", stderr(&o));
 }

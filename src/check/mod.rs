@@ -3,9 +3,12 @@
 //! - [`math`]: final-answer extraction, normalisation and equivalence for math problems, with a
 //!   verdict and evidence instead of a bool; deadline-based and thread-safe.
 //! - [`code`]: runs Python completions against tests in a sandboxed child process (Linux).
+//! - [`grade`]: the one grading function (which checker, where the answer is, the verdict)
+//!   that filter, check and eval call.
 
 #[cfg(target_os = "linux")]
 pub mod code;
+pub mod grade;
 pub mod math;
 pub mod rows;
 

@@ -18,6 +18,7 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("math", include_str!("../../prompts/math.toml")),
     ("gsm8k", include_str!("../../prompts/gsm8k.toml")),
     ("code", include_str!("../../prompts/code.toml")),
+    ("short", include_str!("../../prompts/short.toml")),
 ];
 
 /// A prompt template file.

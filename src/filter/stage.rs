@@ -31,7 +31,9 @@ use sha2::{Digest, Sha256};
 use super::decontam::EvalIndex;
 use super::dedup::{DedupConfig, DedupVerdict, Deduplicator};
 use super::rules::{RuleInput, RuleSet};
-use crate::check::math::{self, MathOptions};
+use crate::check::grade::{checker_for, grade_traces};
+pub use crate::check::grade::{CheckResult, CheckerKind};
+use crate::check::math::MathOptions;
 use crate::trace::{FinishReason, Trace};
 
 /// Traces decided per parallel chunk.
@@ -47,20 +49,6 @@ pub const STAGES: [&str; 7] = [
     "pass_rate",
     "cap",
 ];
-
-/// Which answer checker to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum CheckerKind {
-    /// Code tests when the trace carries them, else math when it has an answer or solution.
-    Auto,
-    /// Math answer equivalence against `reference.answer` (or the solution).
-    Math,
-    /// Run the completion against `reference.tests` in the sandbox.
-    Code,
-    /// No checker: keep traces regardless of correctness.
-    None,
-}
 
 /// Settings of one filter run.
 pub struct FilterConfig {
@@ -107,20 +95,6 @@ pub struct Reason {
     pub span: Option<(usize, usize)>,
     /// Stage-specific details (checker evidence, dedup partner, matched n-gram).
     #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub evidence: Value,
-}
-
-/// The checker's result for one trace, as cached and as written in the `filter` object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckResult {
-    /// `math` or `code`.
-    pub kind: String,
-    /// Checker verdict (snake_case).
-    pub verdict: String,
-    /// Whether it counts as correct.
-    pub passed: bool,
-    /// Checker evidence.
-    #[serde(default)]
     pub evidence: Value,
 }
 
@@ -274,13 +248,6 @@ impl TraceReader {
     }
 }
 
-/// The text after a closed `<think>` block (where the final answer lives).
-fn answer_part(completion: &str) -> &str {
-    completion
-        .rfind("</think>")
-        .map_or(completion, |i| &completion[i + "</think>".len()..])
-}
-
 /// Key of a checker result in the cache: trace id + what the checker was asked.
 fn cache_key(trace: &Trace, kind: &str, settings: &str) -> String {
     let mut h = Sha256::new();
@@ -289,73 +256,6 @@ fn cache_key(trace: &Trace, kind: &str, settings: &str) -> String {
     h.update(settings.as_bytes());
     h.update(trace.completion.as_deref().unwrap_or_default().as_bytes());
     hex::encode(&h.finalize()[..16])
-}
-
-fn checker_for(trace: &Trace, kind: CheckerKind) -> Option<&'static str> {
-    let r = &trace.reference;
-    match kind {
-        CheckerKind::None => None,
-        CheckerKind::Math => Some("math"),
-        CheckerKind::Code => Some("code"),
-        CheckerKind::Auto if r.tests.is_some() => Some("code"),
-        CheckerKind::Auto if r.answer.is_some() || r.solution.is_some() => Some("math"),
-        CheckerKind::Auto => None,
-    }
-}
-
-fn run_math(trace: &Trace, opts: &MathOptions) -> CheckResult {
-    let gold = trace
-        .reference
-        .answer
-        .as_deref()
-        .or(trace.reference.solution.as_deref())
-        .unwrap_or_default();
-    let pred = answer_part(trace.completion.as_deref().unwrap_or_default());
-    let c = math::check(gold, pred, opts);
-    let (verdict, evidence) = crate::check::split_verdict(&c);
-    CheckResult {
-        kind: "math".into(),
-        passed: c.is_correct(),
-        verdict,
-        evidence,
-    }
-}
-
-#[cfg(target_os = "linux")]
-fn code_jobs(traces: &[&Trace]) -> Vec<crate::check::code::CodeJob> {
-    use crate::check::code::{CodeJob, CodeTests};
-    traces
-        .iter()
-        .map(|t| {
-            let r = &t.reference;
-            let tests = r.tests.clone().unwrap_or_default();
-            let completion =
-                crate::check::rows::extract_code(t.completion.as_deref().unwrap_or_default());
-            let tests = if tests.contains("def check(")
-                || r.entry_point.is_some() && !tests.trim_start().starts_with("assert")
-            {
-                CodeTests::Function {
-                    test_code: tests,
-                    entry_point: r.entry_point.clone(),
-                }
-            } else {
-                CodeTests::Asserts {
-                    asserts: tests
-                        .lines()
-                        .filter(|l| !l.trim().is_empty())
-                        .map(str::to_string)
-                        .collect(),
-                    setup: None,
-                    entry_point: r.entry_point.clone(),
-                }
-            };
-            CodeJob {
-                prompt: r.code_prompt.clone().unwrap_or_default(),
-                completion,
-                tests,
-            }
-        })
-        .collect()
 }
 
 /// Runs the stage. Returns the summary (also written to `summary.json`).
@@ -429,47 +329,25 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
             .map(|k| k.as_ref().and_then(|k| cache.get(k).cloned()))
             .collect();
         summary.checker_cached += checks.iter().filter(|c| c.is_some()).count() as u64;
-        let math_todo: Vec<usize> = (0..chunk.len())
-            .filter(|&i| checks[i].is_none() && kinds[i] == Some("math"))
+        let todo: Vec<usize> = (0..chunk.len())
+            .filter(|&i| checks[i].is_none() && kinds[i].is_some())
             .collect();
-        let math_results: Vec<CheckResult> = math_todo
-            .par_iter()
-            .map(|&i| run_math(&chunk[i], &cfg.math))
-            .collect();
-        for (i, r) in math_todo.into_iter().zip(math_results) {
-            checks[i] = Some(r);
-            summary.checker_ran += 1;
-        }
-        let code_todo: Vec<usize> = (0..chunk.len())
-            .filter(|&i| checks[i].is_none() && kinds[i] == Some("code"))
-            .collect();
-        if !code_todo.is_empty() {
-            #[cfg(target_os = "linux")]
-            {
-                let Some(sandbox) = &cfg.sandbox else {
-                    return Err(FilterError::NoSandbox {
-                        id: chunk[code_todo[0]].id.clone(),
-                        message: "no sandbox configured".into(),
-                    });
-                };
-                let refs: Vec<&Trace> = code_todo.iter().map(|&i| &chunk[i]).collect();
-                let results = sandbox.check_batch(&code_jobs(&refs));
-                for (i, r) in code_todo.into_iter().zip(results) {
-                    let (verdict, evidence) = crate::check::split_verdict(&r);
-                    checks[i] = Some(CheckResult {
-                        kind: "code".into(),
-                        passed: r.passed(),
-                        verdict,
-                        evidence,
-                    });
-                    summary.checker_ran += 1;
-                }
+        let refs: Vec<&Trace> = todo.iter().map(|&i| &chunk[i]).collect();
+        #[cfg(target_os = "linux")]
+        let sandbox = cfg.sandbox.as_ref();
+        #[cfg(not(target_os = "linux"))]
+        let sandbox = None;
+        let results = grade_traces(&refs, cfg.checker, &cfg.math, sandbox).map_err(|e| {
+            FilterError::NoSandbox {
+                id: e.id,
+                message: e.message,
             }
-            #[cfg(not(target_os = "linux"))]
-            return Err(FilterError::NoSandbox {
-                id: chunk[code_todo[0]].id.clone(),
-                message: "the code sandbox needs Linux".into(),
-            });
+        })?;
+        for (i, r) in todo.into_iter().zip(results) {
+            if r.is_some() {
+                summary.checker_ran += 1;
+            }
+            checks[i] = r;
         }
         // Persist new checker results.
         for (k, c) in keys.iter().zip(&checks) {

@@ -16,7 +16,7 @@
 //! `rms_norm`/`rope` kernels of `candle-nn` have no backward pass, so they are not used).
 
 pub mod gemm;
-mod layer_op;
+pub(crate) mod layer_op;
 pub mod llama;
 pub mod load;
 pub mod lora;
@@ -474,6 +474,14 @@ impl Student {
         match self {
             Self::Llama(m) => m.config(),
             Self::Qwen2(m) => m.config(),
+        }
+    }
+
+    /// Embeddings, decoder layers and final norm (both families share the layer type).
+    pub(crate) fn parts(&self) -> (&Tensor, &[llama::DecoderLayer], &RmsNorm) {
+        match self {
+            Self::Llama(m) => m.parts(),
+            Self::Qwen2(m) => m.parts(),
         }
     }
 

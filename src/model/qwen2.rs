@@ -67,6 +67,12 @@ impl Model {
         &self.lm_head
     }
 
+    /// The embedding matrix, decoder layers and final norm, for the inference engine, which
+    /// lays the same weights out for decoding.
+    pub(crate) fn parts(&self) -> (&Tensor, &[DecoderLayer], &RmsNorm) {
+        (&self.embed_tokens, &self.layers, &self.norm)
+    }
+
     /// The configuration the model was built from.
     pub fn config(&self) -> &Config {
         &self.cfg

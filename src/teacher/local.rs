@@ -251,6 +251,9 @@ impl LocalTeacher {
                 model: cfg.model.clone(),
                 file_sha256,
                 revision: cfg.revision.clone(),
+                engine: Some("mistralrs".into()),
+                adapter_sha256: None,
+                license: None,
             },
         })
     }
@@ -340,6 +343,7 @@ impl Teacher for LocalTeacher {
                             (text, t.logprob * ln10)
                         })
                         .collect(),
+                    model_logprob: None,
                 })
                 .collect::<Vec<_>>()
         });

@@ -1,9 +1,12 @@
 //! Teachers: where traces come from.
 //!
-//! [`Teacher`] is the one seam between the generate stage and a model. Two backends sit behind
-//! it and no stage cares which one it talks to:
+//! [`Teacher`] is the one seam between the generate stage and a model. Three backends sit
+//! behind it and no stage cares which one it talks to:
+//! - [`candle::CandleTeacher`]: this project's batched engine ([`crate::infer`]) on the student
+//!   model code, for the architectures it implements (Llama, Qwen2); the default local engine.
 //! - [`local::LocalTeacher`]: mistral.rs embedded in the process (GGUF or safetensors, local path
-//!   or Hugging Face hub id). Concurrent requests are batched by its engine.
+//!   or Hugging Face hub id), for what the candle engine does not run. Its batched sampling
+//!   mixes up concurrent sequences (0.8.1), so it is sent one request at a time.
 //! - [`openai::OpenAiTeacher`]: any OpenAI-compatible `/v1/chat/completions` (vLLM, SGLang,
 //!   `mistralrs serve`, hosted APIs), one or several base URLs, with retries, rate limits and
 //!   routing around a failing server.
@@ -12,6 +15,8 @@
 //! their own ids, so one failed sample never costs its siblings (servers with prefix caching make
 //! the repeated prompt nearly free).
 
+pub mod candle;
+pub mod licence;
 pub mod local;
 pub mod openai;
 

@@ -558,6 +558,9 @@ impl OpenAiTeacher {
             model: model.clone(),
             file_sha256: None,
             revision: None,
+            engine: None,
+            adapter_sha256: None,
+            license: None,
         };
         Ok(OpenAiTeacher {
             rpm: cfg.rpm.map(RateLimiter::per_minute),
@@ -703,6 +706,7 @@ impl OpenAiTeacher {
                         .iter()
                         .map(|t| (t.text(), (t.logprob * scale) as f32))
                         .collect(),
+                    model_logprob: None,
                 })
                 .collect::<Vec<_>>()
         });

@@ -1,0 +1,321 @@
+//! One engine step: the decoder run over the new tokens of many sequences at once, each
+//! attending to its own KV cache.
+//!
+//! The rows of a step are the new tokens of every scheduled sequence, one after another: a
+//! whole prompt chunk for a sequence being prefilled, one token for a sequence being decoded.
+//! Projections are one GEMM over all rows (a decode step of 32 sequences is a `32 x hidden`
+//! product instead of 32 matrix-vector products), and attention runs per row against that
+//! row's own cache.
+//!
+//! **Batch invariance.** Every value a row gets depends on that row's token, position and
+//! cache alone, never on what else is in the step:
+//! - the GEMM kernels reduce over `k` in blocks sized from `k` and the cache sizes only, and
+//!   a row's output is the same whatever the number of rows, except that a single row would
+//!   take the kernels' matrix-vector path, so a one-row product is run as two rows;
+//! - attention, RMSNorm, RoPE and SwiGLU are computed row by row, in an order fixed by the
+//!   row's own length, the same code for a prompt row and a decoded row.
+//!
+//! So a sequence decodes the same tokens alone or among 31 others, prefilled in one chunk or
+//! in several, and its decoding log-probabilities equal a teacher-forced scoring of the same
+//! tokens (tests/infer_engine.rs checks all three).
+
+use rayon::prelude::*;
+
+use super::weights::{Dims, LayerWeights, Weights};
+use crate::model::gemm::{pool_threads, sgemm, Mat};
+use crate::model::ops::{dot, norm_rows, rope_rows, sigmoid, softmax_in_place};
+
+/// Keys and values of one sequence: per layer, one row of `kv` floats per cached position.
+#[derive(Debug, Default, Clone)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+        }
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops every cached position and releases the memory.
+    pub fn clear(&mut self) {
+        for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *b = Vec::new();
+        }
+        self.len = 0;
+    }
+}
+
+/// Which rows of a chunk need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prompt chunk that is not the last).
+    None,
+    /// The chunk's last row (decoding).
+    Last,
+    /// Every row (teacher-forced scoring).
+    All,
+}
+
+/// The new tokens of one sequence in a step.
+#[derive(Debug, Clone)]
+pub struct Chunk<'a> {
+    /// Index of the sequence's cache in the slice passed to [`forward`].
+    pub cache: usize,
+    /// Tokens at positions `cache.len()..cache.len() + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Rows whose logits are wanted.
+    pub logits: Logits,
+    /// Whether to return this chunk's hidden states at the requested layers.
+    pub hidden: bool,
+}
+
+/// What a step returns.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// Logits of the wanted rows, `vocab` floats each, in chunk then row order.
+    pub logits: Vec<f32>,
+    /// Per requested layer, the hidden states (after that layer) of every row of the chunks
+    /// that asked for them, `hidden` floats each, in chunk then row order.
+    pub hidden: Vec<Vec<f32>>,
+}
+
+/// `y (m x n) = x (m x k) W^T (+ bias) (+ y when accumulate)`, W `(n, k)` row-major.
+/// One row is run as two (see the module docs).
+fn linear(x: &[f32], w: &[f32], k: usize, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+    let n = w.len() / k;
+    let m = x.len() / k;
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    if m == 1 {
+        let mut x2 = Vec::with_capacity(2 * k);
+        x2.extend_from_slice(x);
+        x2.extend(std::iter::repeat_n(0.0, k));
+        let mut y2 = vec![0f32; 2 * n];
+        if accumulate {
+            y2[..n].copy_from_slice(y);
+        }
+        sgemm(
+            2,
+            n,
+            k,
+            1.0,
+            Mat::new(&x2, k),
+            Mat::new(w, k).t(),
+            beta,
+            &mut y2,
+            n,
+            pool_threads(),
+        );
+        y.copy_from_slice(&y2[..n]);
+    } else {
+        sgemm(
+            m,
+            n,
+            k,
+            1.0,
+            Mat::new(x, k),
+            Mat::new(w, k).t(),
+            beta,
+            y,
+            n,
+            pool_threads(),
+        );
+    }
+    if let Some(b) = bias {
+        y.par_chunks_mut(n).for_each(|row| {
+            for (v, b) in row.iter_mut().zip(b) {
+                *v += b;
+            }
+        });
+    }
+}
+
+/// cos/sin of every row's position, `(rows, half)` each, computed as the training tables are.
+fn rope_tables(inv_freq: &[f64], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for f in inv_freq {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// One row's attention: query heads `q` (`nh * d`) over `n_keys` cached positions.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n_keys: usize,
+    g: usize,
+    dims: &Dims,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (d, kvw) = (dims.d, dims.kv());
+    let mut s: Vec<f32> = (0..n_keys)
+        .map(|j| dot(q, &keys[j * kvw + g * d..j * kvw + g * d + d]) * scale)
+        .collect();
+    softmax_in_place(&mut s);
+    out.iter_mut().for_each(|v| *v = 0.0);
+    for (j, p) in s.iter().enumerate() {
+        let v = &values[j * kvw + g * d..j * kvw + g * d + d];
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
+    }
+}
+
+/// Runs one step. `caches[c.cache]` must be distinct for every chunk; each gains the chunk's
+/// keys and values. Positions past the model's rotary range are refused by the caller.
+pub fn forward(
+    w: &Weights,
+    chunks: &[Chunk<'_>],
+    caches: &mut [KvCache],
+    hidden_layers: &[usize],
+) -> StepOutput {
+    let dims = w.dims;
+    let (h, qn, kvw, qkvw, inter) = (dims.hidden, dims.q(), dims.kv(), dims.qkv(), dims.inter);
+    // Row bookkeeping: for every row, its chunk, its position and its key count.
+    let mut tokens = Vec::new();
+    let mut positions = Vec::new();
+    let mut row_chunk = Vec::new();
+    for (ci, c) in chunks.iter().enumerate() {
+        let start = caches[c.cache].len;
+        for (i, &t) in c.tokens.iter().enumerate() {
+            tokens.push(t);
+            positions.push(start + i);
+            row_chunk.push(ci);
+        }
+    }
+    let rows = tokens.len();
+    let mut out = StepOutput {
+        logits: Vec::new(),
+        hidden: vec![Vec::new(); hidden_layers.len()],
+    };
+    if rows == 0 {
+        return out;
+    }
+    let (cos, sin) = rope_tables(&w.inv_freq, &positions);
+    let half = dims.d / 2;
+    let mut x = vec![0f32; rows * h];
+    x.par_chunks_mut(h).zip(&tokens).for_each(|(row, &t)| {
+        let t = t as usize;
+        row.copy_from_slice(&w.embed[t * h..(t + 1) * h]);
+    });
+    let scale = 1.0 / (dims.d as f32).sqrt();
+    let group = dims.nh / dims.nkv;
+    let mut qkv = vec![0f32; rows * qkvw];
+    let mut y = vec![0f32; rows * qn];
+    let mut gu = vec![0f32; rows * 2 * inter];
+    let mut act = vec![0f32; rows * inter];
+    for (li, lw) in w.layers.iter().enumerate() {
+        let LayerWeights {
+            ln1,
+            ln2,
+            eps1,
+            eps2,
+            ..
+        } = lw;
+        // Attention block.
+        let h1 = norm_rows(&x, ln1, *eps1);
+        linear(&h1, &lw.qkv, h, lw.qkv_bias.as_deref(), &mut qkv, false);
+        rope_rows(
+            &mut qkv,
+            qkvw,
+            dims.nh + dims.nkv,
+            half,
+            (&cos, &sin),
+            false,
+        );
+        // Append this step's keys and values to each sequence's cache.
+        for (r, row) in qkv.chunks(qkvw).enumerate() {
+            let c = &mut caches[chunks[row_chunk[r]].cache];
+            c.k[li].extend_from_slice(&row[qn..qn + kvw]);
+            c.v[li].extend_from_slice(&row[qn + kvw..]);
+        }
+        {
+            let caches: &[KvCache] = caches;
+            let qkv = &qkv;
+            let (positions, row_chunk) = (&positions, &row_chunk);
+            y.par_chunks_mut(dims.d).enumerate().for_each(|(i, o)| {
+                let (r, head) = (i / dims.nh, i % dims.nh);
+                let c = &caches[chunks[row_chunk[r]].cache];
+                let q = &qkv[r * qkvw + head * dims.d..r * qkvw + (head + 1) * dims.d];
+                let n_keys = positions[r] + 1;
+                attend_head(q, &c.k[li], &c.v[li], n_keys, head / group, &dims, scale, o);
+            });
+        }
+        linear(&y, &lw.o, qn, lw.o_bias.as_deref(), &mut x, true);
+        // MLP block.
+        let h2 = norm_rows(&x, ln2, *eps2);
+        linear(&h2, &lw.gu, h, lw.gu_bias.as_deref(), &mut gu, false);
+        act.par_chunks_mut(inter)
+            .zip(gu.par_chunks(2 * inter))
+            .for_each(|(a, row)| {
+                let (g, u) = row.split_at(inter);
+                for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g * sigmoid(*g) * u;
+                }
+            });
+        linear(&act, &lw.down, inter, lw.down_bias.as_deref(), &mut x, true);
+        if let Some(slot) = hidden_layers.iter().position(|&l| l == li) {
+            for (r, row) in x.chunks(h).enumerate() {
+                if chunks[row_chunk[r]].hidden {
+                    out.hidden[slot].extend_from_slice(row);
+                }
+            }
+        }
+    }
+    for c in chunks {
+        caches[c.cache].len += c.tokens.len();
+    }
+    // Final norm and logits for the wanted rows only.
+    let mut wanted = Vec::new();
+    let mut r0 = 0;
+    for c in chunks {
+        let n = c.tokens.len();
+        match c.logits {
+            Logits::None => {}
+            Logits::Last => wanted.extend_from_slice(&x[(r0 + n - 1) * h..(r0 + n) * h]),
+            Logits::All => wanted.extend_from_slice(&x[r0 * h..(r0 + n) * h]),
+        }
+        r0 += n;
+    }
+    if !wanted.is_empty() {
+        let normed = norm_rows(&wanted, &w.norm, w.norm_eps);
+        let m = normed.len() / h;
+        // Logits in blocks of rows, so scoring a long sequence never holds more than a block's
+        // `rows x vocab` product besides the output.
+        const BLOCK: usize = 64;
+        out.logits = vec![0f32; m * dims.vocab];
+        for (xb, lb) in normed
+            .chunks(BLOCK * h)
+            .zip(out.logits.chunks_mut(BLOCK * dims.vocab))
+        {
+            linear(xb, w.head(), h, None, lb, false);
+        }
+    }
+    out
+}

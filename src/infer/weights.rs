@@ -1,0 +1,219 @@
+//! The decoder's weights laid out for batched decoding.
+//!
+//! The engine reads the same [`Student`] that training builds (one model implementation for
+//! both), then lays each layer out the way a decode step consumes it: q/k/v stacked into one
+//! `(q + 2 kv, hidden)` matrix and gate/up into one `(2 inter, hidden)` matrix, so a step is
+//! four products per layer. LoRA adapters are folded in here, once, as
+//! `W + scale * B A` computed exactly as `distill merge` computes it, so that a base plus an
+//! adapter and the merged model `distill merge` writes hold the same bits and decode the same
+//! tokens.
+
+use candle_core::{DType, Tensor};
+
+use crate::model::lora::LoraLinear;
+use crate::model::{rope_inv_freq, Config, ModelError, Result, Student};
+
+/// Sizes of one decoder, read once from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Residual stream width.
+    pub hidden: usize,
+    /// Query heads.
+    pub nh: usize,
+    /// Key/value heads.
+    pub nkv: usize,
+    /// Per-head width.
+    pub d: usize,
+    /// MLP width.
+    pub inter: usize,
+    /// Vocabulary rows of the output projection.
+    pub vocab: usize,
+    /// Decoder layers.
+    pub layers: usize,
+}
+
+impl Dims {
+    /// Width of the query projection.
+    pub fn q(&self) -> usize {
+        self.nh * self.d
+    }
+    /// Width of one key (or value) row: every kv head of one position.
+    pub fn kv(&self) -> usize {
+        self.nkv * self.d
+    }
+    /// Width of the stacked q/k/v projection.
+    pub fn qkv(&self) -> usize {
+        self.q() + 2 * self.kv()
+    }
+}
+
+/// One decoder layer, merged and stacked.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerWeights {
+    pub ln1: Vec<f32>,
+    pub ln2: Vec<f32>,
+    pub eps1: f32,
+    pub eps2: f32,
+    /// `(qkv, hidden)`.
+    pub qkv: Vec<f32>,
+    pub qkv_bias: Option<Vec<f32>>,
+    /// `(hidden, q)`.
+    pub o: Vec<f32>,
+    pub o_bias: Option<Vec<f32>>,
+    /// `(2 inter, hidden)`: gate rows, then up rows.
+    pub gu: Vec<f32>,
+    pub gu_bias: Option<Vec<f32>>,
+    /// `(hidden, inter)`.
+    pub down: Vec<f32>,
+    pub down_bias: Option<Vec<f32>>,
+}
+
+/// Every weight of a decoder, as flat row-major f32.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub(crate) dims: Dims,
+    /// `(vocab, hidden)`.
+    pub(crate) embed: Vec<f32>,
+    pub(crate) layers: Vec<LayerWeights>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) norm_eps: f32,
+    /// `(vocab, hidden)`, `None` when tied to the embeddings.
+    pub(crate) lm_head: Option<Vec<f32>>,
+    /// RoPE inverse frequencies, `head_dim / 2` of them.
+    pub(crate) inv_freq: Vec<f64>,
+    /// Positions the rotary tables were defined for.
+    pub(crate) max_positions: usize,
+}
+
+fn flat(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The weight of `p` with its adapter folded in, computed as [`crate::model::lora::merge_into`]
+/// does (`W + (B A) * scale` in f32) so that the two agree to the bit.
+fn merged(p: &LoraLinear) -> Result<Vec<f32>> {
+    let w = p.weight().to_dtype(DType::F32)?;
+    let w = match p.adapter() {
+        Some(a) => {
+            let delta = (a
+                .lora_b
+                .to_dtype(DType::F32)?
+                .matmul(&a.lora_a.to_dtype(DType::F32)?)?
+                * a.scale)?;
+            (w + delta)?
+        }
+        None => w,
+    };
+    flat(&w)
+}
+
+/// Biases of the projections `ps` side by side, or `None` when none has one. A projection
+/// without a bias in a group where another has one contributes zeros.
+fn stacked_bias(ps: &[&LoraLinear], widths: &[usize]) -> Result<Option<Vec<f32>>> {
+    if ps.iter().all(|p| p.bias().is_none()) {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(widths.iter().sum());
+    for (p, &w) in ps.iter().zip(widths) {
+        match p.bias() {
+            Some(b) => out.extend(flat(b)?),
+            None => out.extend(std::iter::repeat_n(0.0, w)),
+        }
+    }
+    Ok(Some(out))
+}
+
+impl Weights {
+    /// Lays out `model`'s weights (adapters folded in). The model must hold its weights on
+    /// the CPU; any float dtype is converted to f32.
+    pub fn from_student(model: &Student) -> Result<Self> {
+        let cfg: &Config = model.config();
+        let (embed, layers, norm) = model.parts();
+        let dims = Dims {
+            hidden: cfg.hidden_size,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_kv_heads(),
+            d: cfg.head_dim(),
+            inter: cfg.intermediate_size,
+            vocab: model.lm_head().dim(0)?,
+            layers: cfg.num_hidden_layers,
+        };
+        if embed.dim(1)? != dims.hidden {
+            return Err(ModelError::Input(format!(
+                "embedding width {} != hidden_size {}",
+                embed.dim(1)?,
+                dims.hidden
+            )));
+        }
+        let mut out_layers = Vec::with_capacity(layers.len());
+        for layer in layers {
+            let r = layer.refs();
+            let [q, k, v, o, gate, up, down] = r.proj;
+            let mut qkv = merged(q)?;
+            qkv.extend(merged(k)?);
+            qkv.extend(merged(v)?);
+            let mut gu = merged(gate)?;
+            gu.extend(merged(up)?);
+            out_layers.push(LayerWeights {
+                ln1: flat(r.input_norm.weight())?,
+                ln2: flat(r.post_attention_norm.weight())?,
+                eps1: r.input_norm.eps() as f32,
+                eps2: r.post_attention_norm.eps() as f32,
+                qkv,
+                qkv_bias: stacked_bias(&[q, k, v], &[dims.q(), dims.kv(), dims.kv()])?,
+                o: merged(o)?,
+                o_bias: stacked_bias(&[o], &[dims.hidden])?,
+                gu,
+                gu_bias: stacked_bias(&[gate, up], &[dims.inter, dims.inter])?,
+                down: merged(down)?,
+                down_bias: stacked_bias(&[down], &[dims.hidden])?,
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(flat(model.lm_head())?)
+        };
+        Ok(Self {
+            dims,
+            embed: flat(embed)?,
+            layers: out_layers,
+            norm: flat(norm.weight())?,
+            norm_eps: norm.eps() as f32,
+            lm_head,
+            inv_freq: rope_inv_freq(cfg)?,
+            max_positions: cfg.max_position_embeddings.max(1),
+        })
+    }
+
+    /// The decoder's sizes.
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    /// The output projection `(vocab, hidden)`.
+    pub(crate) fn head(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.embed)
+    }
+
+    /// Bytes held by the weights (the tied output projection counted once).
+    pub fn bytes(&self) -> usize {
+        let layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.len()
+                    + l.o.len()
+                    + l.gu.len()
+                    + l.down.len()
+                    + l.ln1.len()
+                    + l.ln2.len()
+                    + [&l.qkv_bias, &l.o_bias, &l.gu_bias, &l.down_bias]
+                        .iter()
+                        .map(|b| b.as_ref().map_or(0, Vec::len))
+                        .sum::<usize>()
+            })
+            .sum();
+        4 * (layer + self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, Vec::len))
+    }
+}

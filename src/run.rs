@@ -1,0 +1,659 @@
+//! `distill run CONFIG.toml`: generate → filter → train → eval of the base and of the student
+//! → compare, each stage skipped when its inputs and settings are unchanged and resumed when
+//! it was interrupted.
+//!
+//! The config has one table per stage whose keys are that subcommand's flags (`max_tokens =
+//! 128` is `--max-tokens 128`, `true` a bare flag, arrays repeat the flag), so every flag a
+//! stage has is available here with the same name and meaning, and nothing is re-implemented:
+//! each stage runs exactly as the command would.
+//!
+//! ```toml
+//! out_dir = "runs/quickstart"
+//! model = ".cache/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+//! [generate]                       # teacher traces (model defaults to the top-level one)
+//! dataset = "datasets/arith_train.jsonl"
+//! n = 8
+//! [filter]
+//! checker = "math"
+//! [train]                          # the student (model defaults to the top-level one)
+//! epochs = 2
+//! [eval]                           # held-out problems, base then student
+//! dataset = "datasets/arith_heldout.jsonl"
+//! ```
+//!
+//! Every stage has a fingerprint: the SHA-256 of its flags, of the files it reads (dataset,
+//! model, prompt and rule files) and of the fingerprints of the stages it depends on. A stage
+//! whose fingerprint and completion are recorded in `OUT_DIR/stages.json` is skipped; a stage
+//! whose fingerprint changed starts afresh (its old output removed); a stage that started but
+//! did not finish is rerun with the same output, which the stage itself resumes (generate and
+//! eval skip finished samples, train continues from its last checkpoint).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::cli::{Cli, Outcome};
+
+/// Flags of `distill run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The pipeline config (TOML).
+    pub config: PathBuf,
+    /// Rerun every stage even when its fingerprint is unchanged.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The stages, in order.
+const STAGES: [&str; 6] = [
+    "generate",
+    "filter",
+    "train",
+    "eval-base",
+    "eval-student",
+    "compare",
+];
+
+/// What `stages.json` records per stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// Fingerprint of the stage's inputs and settings.
+    pub fingerprint: String,
+    /// Whether the stage finished.
+    pub done: bool,
+    /// Wall time of the last completed run, seconds.
+    #[serde(default)]
+    pub seconds: f64,
+    /// Whether the last `distill run` skipped it.
+    #[serde(default)]
+    pub skipped: bool,
+}
+
+/// SHA-256 of a file, `missing` if it cannot be read.
+fn file_hash(path: &Path) -> String {
+    match std::fs::File::open(path) {
+        Ok(mut f) => {
+            let mut h = Sha256::new();
+            if std::io::copy(&mut f, &mut h).is_err() {
+                return "unreadable".into();
+            }
+            hex::encode(h.finalize())
+        }
+        Err(_) => "missing".into(),
+    }
+}
+
+/// SHA-256 of a file or of every file under a directory (names and contents, sorted).
+fn path_hash(path: &Path) -> String {
+    if path.is_dir() {
+        let mut files = Vec::new();
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else {
+                        files.push(p);
+                    }
+                }
+            }
+        }
+        files.sort();
+        let mut h = Sha256::new();
+        for f in files {
+            h.update(
+                f.strip_prefix(path)
+                    .unwrap_or(&f)
+                    .to_string_lossy()
+                    .as_bytes(),
+            );
+            h.update(file_hash(&f).as_bytes());
+        }
+        hex::encode(h.finalize())
+    } else {
+        file_hash(path)
+    }
+}
+
+/// A TOML table of flags as command-line arguments.
+fn flags(table: &toml::Table, file: &Path, section: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let flag = format!("--{}", k.replace('_', "-"));
+        let scalar = |v: &toml::Value| -> anyhow::Result<String> {
+            Ok(match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => bail!(
+                    "{}: [{section}] {k}: expected a string, number, boolean or array, got {}",
+                    file.display(),
+                    other.type_str()
+                ),
+            })
+        };
+        match v {
+            toml::Value::Boolean(true) => out.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for it in items {
+                    out.push(flag.clone());
+                    out.push(scalar(it)?);
+                }
+            }
+            other => {
+                out.push(flag);
+                out.push(scalar(other)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Flag values that name files whose contents a stage depends on.
+fn input_files(table: &toml::Table, keys: &[&str]) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for k in keys {
+        match table.get(*k) {
+            Some(toml::Value::String(s)) => v.push(PathBuf::from(s)),
+            Some(toml::Value::Array(items)) => {
+                v.extend(items.iter().filter_map(|i| i.as_str()).map(PathBuf::from))
+            }
+            _ => {}
+        }
+    }
+    v
+}
+
+/// One stage's command line, fingerprint and output paths.
+struct Stage {
+    name: &'static str,
+    args: Vec<String>,
+    fingerprint: String,
+    outputs: Vec<PathBuf>,
+    /// Extra flags when resuming an unfinished run of the same fingerprint.
+    resume_args: Vec<String>,
+}
+
+fn fingerprint(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+fn table<'a>(cfg: &'a toml::Table, name: &str) -> toml::Table {
+    cfg.get(name)
+        .and_then(|v| v.as_table())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Builds every stage from the config.
+fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>> {
+    let model = cfg
+        .get("model")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    let version = env!("CARGO_PKG_VERSION");
+    let mut stages = Vec::new();
+
+    let mut gen = table(cfg, "generate");
+    if let (Some(m), false) = (&model, gen.contains_key("model")) {
+        gen.insert("model".into(), toml::Value::String(m.clone()));
+    }
+    let traces = out.join("traces.jsonl");
+    let gen_inputs = input_files(&gen, &["dataset", "model", "prompt", "adapter"]);
+    let mut args = vec!["generate".to_string()];
+    args.extend(flags(&gen, file, "generate")?);
+    args.extend(["--out".into(), traces.display().to_string()]);
+    let hashes: Vec<String> = gen_inputs.iter().map(|p| path_hash(p)).collect();
+    let mut parts: Vec<&str> = vec![version, "generate"];
+    parts.extend(args.iter().map(String::as_str));
+    parts.extend(hashes.iter().map(String::as_str));
+    let gen_fp = fingerprint(&parts);
+    stages.push(Stage {
+        name: "generate",
+        args,
+        fingerprint: gen_fp.clone(),
+        outputs: vec![traces.clone(), crate::generate::summary_path(&traces)],
+        resume_args: vec![],
+    });
+
+    let filt = table(cfg, "filter");
+    let filtered = out.join("filtered");
+    let mut args = vec!["filter".to_string()];
+    args.extend(flags(&filt, file, "filter")?);
+    args.extend([
+        "--traces".into(),
+        traces.display().to_string(),
+        "--out-dir".into(),
+        filtered.display().to_string(),
+        "--quiet".into(),
+    ]);
+    let hashes: Vec<String> = input_files(&filt, &["rules", "eval_set", "eval_sets"])
+        .iter()
+        .map(|p| path_hash(p))
+        .collect();
+    let mut parts: Vec<&str> = vec![version, "filter", &gen_fp];
+    parts.extend(args.iter().map(String::as_str));
+    parts.extend(hashes.iter().map(String::as_str));
+    let filt_fp = fingerprint(&parts);
+    stages.push(Stage {
+        name: "filter",
+        args,
+        fingerprint: filt_fp.clone(),
+        outputs: vec![filtered.clone()],
+        resume_args: vec![],
+    });
+
+    let mut tr = table(cfg, "train");
+    if let (Some(m), false) = (&model, tr.contains_key("model")) {
+        tr.insert("model".into(), toml::Value::String(m.clone()));
+    }
+    let student = out.join("student");
+    let mut args = vec!["train".to_string()];
+    args.extend(flags(&tr, file, "train")?);
+    args.extend([
+        "--data".into(),
+        filtered.join("kept.jsonl").display().to_string(),
+        "--out".into(),
+        student.display().to_string(),
+    ]);
+    let hashes: Vec<String> = input_files(&tr, &["model", "config", "chat_template"])
+        .iter()
+        .map(|p| path_hash(p))
+        .collect();
+    let mut parts: Vec<&str> = vec![version, "train", &filt_fp];
+    parts.extend(args.iter().map(String::as_str));
+    parts.extend(hashes.iter().map(String::as_str));
+    let train_fp = fingerprint(&parts);
+    stages.push(Stage {
+        name: "train",
+        args,
+        fingerprint: train_fp.clone(),
+        outputs: vec![student.clone()],
+        resume_args: vec!["--resume".into()],
+    });
+
+    let mut ev = table(cfg, "eval");
+    if let (Some(m), false) = (&model, ev.contains_key("model")) {
+        ev.insert("model".into(), toml::Value::String(m.clone()));
+    }
+    let ev_hashes: Vec<String> = input_files(&ev, &["dataset", "model", "prompt"])
+        .iter()
+        .map(|p| path_hash(p))
+        .collect();
+    for (name, adapter, upstream) in [
+        ("eval-base", None, None),
+        (
+            "eval-student",
+            Some(student.join("adapter")),
+            Some(&train_fp),
+        ),
+    ] {
+        let dir = out.join(name);
+        let mut args = vec!["eval".to_string()];
+        args.extend(flags(&ev, file, "eval")?);
+        args.extend(["--out-dir".into(), dir.display().to_string()]);
+        if let Some(a) = &adapter {
+            args.extend(["--adapter".into(), a.display().to_string()]);
+        }
+        let mut parts: Vec<&str> = vec![version, name];
+        if let Some(u) = upstream {
+            parts.push(u);
+        }
+        parts.extend(args.iter().map(String::as_str));
+        parts.extend(ev_hashes.iter().map(String::as_str));
+        stages.push(Stage {
+            name: if adapter.is_some() {
+                "eval-student"
+            } else {
+                "eval-base"
+            },
+            fingerprint: fingerprint(&parts),
+            args,
+            outputs: vec![dir],
+            resume_args: vec![],
+        });
+    }
+    let cmp_fp = fingerprint(&[
+        version,
+        "compare",
+        &stages[3].fingerprint,
+        &stages[4].fingerprint,
+    ]);
+    stages.push(Stage {
+        name: "compare",
+        args: vec![
+            "eval".into(),
+            "--compare".into(),
+            out.join("eval-base").display().to_string(),
+            out.join("eval-student").display().to_string(),
+            "--out-dir".into(),
+            out.display().to_string(),
+        ],
+        fingerprint: cmp_fp,
+        outputs: vec![out.join("compare.json")],
+        resume_args: vec![],
+    });
+    Ok(stages)
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn save_records(path: &Path, recs: &BTreeMap<String, StageRecord>) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(recs)?;
+    crate::trace::write_atomically(path, &json)?;
+    Ok(())
+}
+
+/// Runs the pipeline.
+pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let cfg: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: invalid TOML", a.config.display()))?;
+    for k in cfg.keys() {
+        if !["out_dir", "model", "generate", "filter", "train", "eval"].contains(&k.as_str()) {
+            bail!(
+                "{}: unknown key `{k}` (expected out_dir, model, [generate], [filter], [train], [eval])",
+                a.config.display()
+            );
+        }
+    }
+    let Some(out) = cfg
+        .get("out_dir")
+        .and_then(|v| v.as_str())
+        .map(PathBuf::from)
+    else {
+        bail!("{}: `out_dir` is required", a.config.display());
+    };
+    std::fs::create_dir_all(&out).with_context(|| out.display().to_string())?;
+    let stages = plan(&cfg, &a.config, &out)?;
+    let rec_path = out.join("stages.json");
+    let mut recs: BTreeMap<String, StageRecord> = read_json(&rec_path)
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    let started = Instant::now();
+    for st in &stages {
+        let prev = recs.get(st.name).cloned().unwrap_or_default();
+        if !a.force && prev.done && prev.fingerprint == st.fingerprint {
+            eprintln!("distill run: {} unchanged, skipped", st.name);
+            recs.insert(
+                st.name.into(),
+                StageRecord {
+                    skipped: true,
+                    ..prev
+                },
+            );
+            continue;
+        }
+        let resuming = !a.force && !prev.done && prev.fingerprint == st.fingerprint;
+        if !resuming {
+            for o in &st.outputs {
+                if o.is_dir() {
+                    std::fs::remove_dir_all(o).with_context(|| o.display().to_string())?;
+                } else if o.exists() {
+                    std::fs::remove_file(o).with_context(|| o.display().to_string())?;
+                }
+            }
+        }
+        eprintln!(
+            "distill run: {} ({})",
+            st.name,
+            if resuming { "resuming" } else { "running" }
+        );
+        recs.insert(
+            st.name.into(),
+            StageRecord {
+                fingerprint: st.fingerprint.clone(),
+                done: false,
+                seconds: 0.0,
+                skipped: false,
+            },
+        );
+        save_records(&rec_path, &recs)?;
+        let mut argv = vec!["distill".to_string()];
+        argv.extend(st.args.iter().cloned());
+        if resuming && st.outputs.iter().any(|o| o.exists()) {
+            argv.extend(st.resume_args.iter().cloned());
+        }
+        let cli = Cli::try_parse_from(&argv).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: [{}] does not parse as `distill {}` flags:\n{e}",
+                a.config.display(),
+                st.name.trim_start_matches("eval-"),
+                st.args[0]
+            )
+        })?;
+        let t = Instant::now();
+        let outcome = crate::cli::run(cli)
+            .with_context(|| format!("stage {} of {}", st.name, a.config.display()))?;
+        if outcome.interrupted {
+            eprintln!("distill run: interrupted in {}; rerun to resume", st.name);
+            return Ok(outcome);
+        }
+        recs.insert(
+            st.name.into(),
+            StageRecord {
+                fingerprint: st.fingerprint.clone(),
+                done: true,
+                seconds: t.elapsed().as_secs_f64(),
+                skipped: false,
+            },
+        );
+        save_records(&rec_path, &recs)?;
+    }
+    write_manifest(&cfg, &a.config, &out, &stages, &recs)?;
+    let report = report(&out, &recs);
+    println!("{report}");
+    eprintln!(
+        "distill run: done in {:.1} s; {} and {}",
+        started.elapsed().as_secs_f64(),
+        out.join("manifest.json").display(),
+        out.join("report.html").display()
+    );
+    Ok(Outcome::default())
+}
+
+/// `manifest.json`: what produced the result.
+fn write_manifest(
+    cfg: &toml::Table,
+    file: &Path,
+    out: &Path,
+    stages: &[Stage],
+    recs: &BTreeMap<String, StageRecord>,
+) -> anyhow::Result<()> {
+    let mut files = BTreeMap::new();
+    for section in ["generate", "filter", "train", "eval"] {
+        let t = table(cfg, section);
+        for p in input_files(
+            &t,
+            &["dataset", "model", "prompt", "rules", "adapter", "config"],
+        ) {
+            files.insert(p.display().to_string(), path_hash(&p));
+        }
+    }
+    if let Some(m) = cfg.get("model").and_then(|v| v.as_str()) {
+        files.insert(m.to_string(), path_hash(Path::new(m)));
+    }
+    let summary = |d: &str| read_json(&out.join(d).join("summary.json"));
+    let gen_summary = read_json(&crate::generate::summary_path(&out.join("traces.jsonl")));
+    let teacher_trace = std::fs::read_to_string(out.join("traces.jsonl"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        });
+    let licence = teacher_trace
+        .as_ref()
+        .and_then(|t| t["teacher"].get("license").cloned());
+    let manifest = json!({
+        "distill_version": env!("CARGO_PKG_VERSION"),
+        "config": {"path": file.display().to_string(), "sha256": file_hash(file), "values": cfg},
+        "files": files,
+        "default_rules_sha256": hex::encode(Sha256::digest(crate::filter::rules::DEFAULT_RULES_TOML.as_bytes())),
+        "checker_version": crate::check::grade::CHECKER_VERSION,
+        "teacher": teacher_trace.as_ref().map(|t| t["teacher"].clone()),
+        "teacher_license": licence,
+        "generate_sampling": teacher_trace.as_ref().map(|t| t["sampling"].clone()),
+        "generate_summary": gen_summary,
+        "filter_summary": read_json(&out.join("filtered").join("summary.json")),
+        "eval_base": summary("eval-base"),
+        "eval_student": summary("eval-student"),
+        "compare": read_json(&out.join("compare.json")),
+        "stages": stages.iter().map(|s| json!({
+            "name": s.name,
+            "command": format!("distill {}", s.args.join(" ")),
+            "fingerprint": s.fingerprint,
+            "seconds": recs.get(s.name).map(|r| r.seconds),
+            "skipped": recs.get(s.name).map(|r| r.skipped),
+        })).collect::<Vec<_>>(),
+    });
+    crate::trace::write_atomically(
+        &out.join("manifest.json"),
+        &serde_json::to_vec_pretty(&manifest)?,
+    )?;
+    Ok(())
+}
+
+/// The terminal summary of a run, and `report.html` beside it.
+fn report(out: &Path, recs: &BTreeMap<String, StageRecord>) -> String {
+    let mut s = String::from("distill run:\n");
+    for name in STAGES {
+        if let Some(r) = recs.get(name) {
+            s.push_str(&format!(
+                "  {name:<13} {:>8.1} s{}\n",
+                r.seconds,
+                if r.skipped {
+                    "  (skipped: unchanged)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    let acc = |d: &str| {
+        read_json(&out.join(d).join("summary.json")).map(|v| {
+            (
+                v["pass@1"].as_f64().unwrap_or(0.0),
+                v["pass@1_ci95"][0].as_f64().unwrap_or(0.0),
+                v["pass@1_ci95"][1].as_f64().unwrap_or(0.0),
+                v["n_problems"].as_u64().unwrap_or(0),
+            )
+        })
+    };
+    let (base, student) = (acc("eval-base"), acc("eval-student"));
+    for (label, a) in [("base", base), ("student", student)] {
+        if let Some((p, lo, hi, n)) = a {
+            s.push_str(&format!(
+                "  {label:<8} pass@1 {:.1}% [{:.1}, {:.1}] on {n} held-out problems\n",
+                100.0 * p,
+                100.0 * lo,
+                100.0 * hi
+            ));
+        }
+    }
+    let cmp = read_json(&out.join("compare.json"));
+    if let Some(c) = &cmp {
+        s.push_str(&format!(
+            "  change   {:+.1} points [{:+.1}, {:+.1}], paired p = {:.4} ({} won, {} lost)\n",
+            100.0 * c["delta"].as_f64().unwrap_or(0.0),
+            100.0 * c["ci95"][0].as_f64().unwrap_or(0.0),
+            100.0 * c["ci95"][1].as_f64().unwrap_or(0.0),
+            c["p_value"].as_f64().unwrap_or(1.0),
+            c["wins"].as_u64().unwrap_or(0),
+            c["losses"].as_u64().unwrap_or(0)
+        ));
+    }
+    let loss: Vec<(f64, f64)> =
+        std::fs::read_to_string(out.join("student").join(crate::train::recipe::METRICS_FILE))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get("loss")?.as_f64()?)))
+            .collect();
+    let html = html_report(&loss, base, student, cmp.as_ref(), &s);
+    // The report is a convenience; a failure to write it must not fail the run.
+    let _ = std::fs::write(out.join("report.html"), html);
+    s
+}
+
+type Acc = Option<(f64, f64, f64, u64)>;
+
+fn html_report(
+    loss: &[(f64, f64)],
+    base: Acc,
+    student: Acc,
+    cmp: Option<&Value>,
+    text: &str,
+) -> String {
+    let esc = |t: &str| {
+        t.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let (w, h, pad) = (560.0, 220.0, 30.0);
+    let mut svg = String::new();
+    if loss.len() > 1 {
+        let (x0, x1) = (loss[0].0, loss[loss.len() - 1].0.max(loss[0].0 + 1.0));
+        let ymax = loss.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+        let ymin = loss.iter().map(|p| p.1).fold(f64::MAX, f64::min).min(0.0);
+        let pts: Vec<String> = loss
+            .iter()
+            .map(|(x, y)| {
+                format!(
+                    "{:.1},{:.1}",
+                    pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad),
+                    h - pad - (y - ymin) / (ymax - ymin).max(1e-9) * (h - 2.0 * pad)
+                )
+            })
+            .collect();
+        svg = format!(
+            "<svg width='{w}' height='{h}' role='img' aria-label='training loss'><rect width='100%' height='100%' fill='#fafafa'/><polyline fill='none' stroke='#2a6' stroke-width='2' points='{}'/><text x='{pad}' y='16'>loss {ymax:.3} → {:.3} over {} logged steps</text></svg>",
+            pts.join(" "),
+            loss[loss.len() - 1].1,
+            loss.len()
+        );
+    }
+    let bar = |label: &str, a: Acc| {
+        a.map_or(String::new(), |(p, lo, hi, n)| {
+            format!(
+                "<tr><td>{label}</td><td>{:.1}%</td><td>[{:.1}, {:.1}]</td><td>{n}</td><td><div style='background:#36c;height:12px;width:{:.0}px'></div></td></tr>",
+                100.0 * p,
+                100.0 * lo,
+                100.0 * hi,
+                400.0 * p
+            )
+        })
+    };
+    let cmp_line = cmp.map_or(String::new(), |c| {
+        format!(
+            "<p>Change: {:+.1} points, 95% interval [{:+.1}, {:+.1}], paired p = {:.4}.</p>",
+            100.0 * c["delta"].as_f64().unwrap_or(0.0),
+            100.0 * c["ci95"][0].as_f64().unwrap_or(0.0),
+            100.0 * c["ci95"][1].as_f64().unwrap_or(0.0),
+            c["p_value"].as_f64().unwrap_or(1.0)
+        )
+    });
+    format!(
+        "<!doctype html><meta charset='utf-8'><title>distill run</title><style>body{{font-family:sans-serif;max-width:720px;margin:2em auto}}td{{padding:2px 8px}}</style><h1>distill run</h1><h2>Held-out accuracy</h2><table><tr><th>model</th><th>pass@1</th><th>95% CI</th><th>problems</th><th></th></tr>{}{}</table>{cmp_line}<h2>Training loss</h2>{svg}<h2>Stages</h2><pre>{}</pre><p>Filtered traces: <a href='filtered/report.html'>audit report</a> (<code>distill audit filtered</code>).</p>",
+        bar("base", base),
+        bar("student", student),
+        esc(text)
+    )
+}
