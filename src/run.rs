@@ -239,7 +239,6 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         traces.display().to_string(),
         "--out-dir".into(),
         filtered.display().to_string(),
-        "--quiet".into(),
     ]);
     let hashes: Vec<String> = input_files(&filt, &["rules", "eval_set", "eval_sets"])
         .iter()
@@ -296,11 +295,7 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         .collect();
     for (name, adapter, upstream) in [
         ("eval-base", None, None),
-        (
-            "eval-student",
-            Some(student.join("adapter")),
-            Some(&train_fp),
-        ),
+        ("eval-student", Some(student.clone()), Some(&train_fp)),
     ] {
         let dir = out.join(name);
         let mut args = vec!["eval".to_string()];

@@ -174,7 +174,7 @@ fn run_chains_skips_reruns_what_changed_and_resumes() {
     for f in [
         "traces.jsonl",
         "filtered/kept.jsonl",
-        "student/adapter/adapter_model.safetensors",
+        "student/adapter_model.safetensors",
         "eval-base/summary.json",
         "eval-student/results.jsonl",
         "compare.json",

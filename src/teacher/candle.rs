@@ -67,23 +67,18 @@ pub struct CandleTeacher {
     pub description: String,
 }
 
-/// SHA-256 over the files of an adapter directory (config and weights), in name order.
+/// SHA-256 of an adapter: its config and weights files, the two files PEFT reads (a training
+/// directory also holds metrics and checkpoints, which do not change what the adapter does).
 pub fn adapter_sha256(dir: &Path) -> Result<String, CandleError> {
     use sha2::{Digest, Sha256};
-    let io = |path: &Path, source| CandleError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    names.sort();
     let mut h = Sha256::new();
-    for p in names {
-        let bytes = std::fs::read(&p).map_err(|e| io(&p, e))?;
-        h.update(p.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(b""));
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        let p = dir.join(name);
+        let bytes = std::fs::read(&p).map_err(|source| CandleError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        h.update(name.as_bytes());
         h.update(Sha256::digest(&bytes));
     }
     Ok(hex::encode(h.finalize()))
