@@ -10,7 +10,7 @@ use num_rational::BigRational;
 use num_traits::{Signed, Zero};
 
 use super::eval::{Evaluator, Limits, Value};
-use super::parse::{choice_letter, Constant, Expr, RelOp};
+use super::parse::{choice_letter, is_label, Constant, Expr, RelOp};
 use super::{Deadline, MathOptions, Rule, TimedOut};
 
 /// Sample values for free variables: irregular, of both signs, away from
@@ -22,6 +22,8 @@ const SAMPLES: [f64; 10] = [
 const SAMPLE_POINTS: usize = 8;
 /// Values this close to zero are compared absolutely.
 const ZERO_EPS: f64 = 1e-12;
+/// Largest matrix (rows or columns) that matrix arithmetic is applied to.
+const MAX_MATRIX: usize = 16;
 
 /// What an equivalence decision returns: equal or not, and the rule used.
 pub(crate) type Decision = Result<(bool, Rule), TimedOut>;
@@ -95,6 +97,7 @@ pub(crate) fn equivalent(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
         )),
         (Expr::Text(x), Expr::Text(y)) => Ok((squash(x) == squash(y), Rule::TextEqual)),
         (Expr::Text(_), _) | (_, Expr::Text(_)) => Ok((false, Rule::KindMismatch)),
+        _ if has_matrix(a) || has_matrix(b) => matrix_pair(a, b, cx),
         (Expr::Relation(..), _) | (_, Expr::Relation(..)) => relation_pair(a, b, cx),
         _ => collection_pair(a, b, cx),
     }
@@ -148,17 +151,35 @@ fn squash(s: &str) -> String {
     s.chars().filter(|c| !c.is_whitespace()).collect()
 }
 
-/// Elements matched greedily one-to-one in any order.
+/// Collections compared as sets: every element of each side equals some
+/// element of the other, in any order (a repeated solution counts once).
 fn unordered(x: &[Expr], y: &[Expr], cx: &Ctx) -> Decision {
-    if x.len() != y.len() {
+    if x.is_empty() != y.is_empty() {
         return Ok((false, Rule::SetEqual));
     }
-    let mut used = vec![false; y.len()];
+    let mut matched_y = vec![false; y.len()];
     for item in x {
         let mut found = false;
         for (j, other) in y.iter().enumerate() {
-            if !used[j] && equivalent(item, other, cx)?.0 {
-                used[j] = true;
+            if equivalent(item, other, cx)?.0 {
+                matched_y[j] = true;
+                found = true;
+                if x.len() == y.len() {
+                    break;
+                }
+            }
+        }
+        if !found {
+            return Ok((false, Rule::SetEqual));
+        }
+    }
+    for (j, other) in y.iter().enumerate() {
+        if matched_y[j] {
+            continue;
+        }
+        let mut found = false;
+        for item in x {
+            if equivalent(item, other, cx)?.0 {
                 found = true;
                 break;
             }
@@ -168,6 +189,118 @@ fn unordered(x: &[Expr], y: &[Expr], cx: &Ctx) -> Decision {
         }
     }
     Ok((true, Rule::SetEqual))
+}
+
+/// Whether a matrix occurs in `e`, directly or in matrix arithmetic.
+fn has_matrix(e: &Expr) -> bool {
+    match e {
+        Expr::Matrix(_) => true,
+        Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) => has_matrix(a) || has_matrix(b),
+        Expr::Neg(a) => has_matrix(a),
+        _ => false,
+    }
+}
+
+type Rows = Vec<Vec<Expr>>;
+
+/// The entries of a matrix expression: a matrix, or sums, differences,
+/// products and scalar multiples of matrices, entry by entry as expressions.
+fn matrix_of(e: &Expr) -> Option<Rows> {
+    let bx = |e: Expr| Box::new(e);
+    let zip = |a: Rows, b: Rows, f: &dyn Fn(Expr, Expr) -> Expr| -> Option<Rows> {
+        let same = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.len() == y.len());
+        same.then(|| {
+            a.into_iter()
+                .zip(b)
+                .map(|(x, y)| x.into_iter().zip(y).map(|(p, q)| f(p, q)).collect())
+                .collect()
+        })
+    };
+    let map = |m: Rows, f: &dyn Fn(Expr) -> Expr| -> Rows {
+        m.into_iter()
+            .map(|row| row.into_iter().map(f).collect())
+            .collect()
+    };
+    match e {
+        Expr::Matrix(rows) if rows.len() <= MAX_MATRIX && rows[0].len() <= MAX_MATRIX => {
+            Some(rows.clone())
+        }
+        Expr::Neg(a) => Some(map(matrix_of(a)?, &|x| Expr::Neg(bx(x)))),
+        Expr::Add(a, b) => zip(matrix_of(a)?, matrix_of(b)?, &|x, y| {
+            Expr::Add(bx(x), bx(y))
+        }),
+        Expr::Sub(a, b) => zip(matrix_of(a)?, matrix_of(b)?, &|x, y| {
+            Expr::Sub(bx(x), bx(y))
+        }),
+        Expr::Mul(a, b) => match (has_matrix(a), has_matrix(b)) {
+            (true, true) => {
+                let (p, q) = (matrix_of(a)?, matrix_of(b)?);
+                let inner = q.len();
+                if p[0].len() != inner {
+                    return None;
+                }
+                let cols = q[0].len();
+                Some(
+                    p.iter()
+                        .map(|row| {
+                            (0..cols)
+                                .map(|j| {
+                                    (0..inner)
+                                        .map(|k| Expr::Mul(bx(row[k].clone()), bx(q[k][j].clone())))
+                                        .reduce(|acc, t| Expr::Add(bx(acc), bx(t)))
+                                        .unwrap_or_else(|| Expr::Tuple(Vec::new()))
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                )
+            }
+            (true, false) if !is_collection(b) => {
+                Some(map(matrix_of(a)?, &|x| Expr::Mul(bx(x), bx((**b).clone()))))
+            }
+            (false, true) if !is_collection(a) => {
+                Some(map(matrix_of(b)?, &|x| Expr::Mul(bx((**a).clone()), bx(x))))
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Matrices are equal when they have the same shape and equal entries; a
+/// single row or column also equals a tuple of its entries (a vector).
+fn matrix_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
+    let vector = |m: &Rows| -> Option<Vec<Expr>> {
+        if m.len() == 1 {
+            Some(m[0].clone())
+        } else if m.iter().all(|r| r.len() == 1) {
+            Some(m.iter().map(|r| r[0].clone()).collect())
+        } else {
+            None
+        }
+    };
+    match (matrix_of(a), matrix_of(b)) {
+        (Some(x), Some(y)) => {
+            let same = x.len() == y.len() && x.iter().zip(&y).all(|(p, q)| p.len() == q.len());
+            if !same {
+                return Ok((false, Rule::KindMismatch));
+            }
+            for (p, q) in x.iter().flatten().zip(y.iter().flatten()) {
+                if !equivalent(p, q, cx)?.0 {
+                    return Ok((false, Rule::TupleEqual));
+                }
+            }
+            Ok((true, Rule::TupleEqual))
+        }
+        (Some(m), None) | (None, Some(m)) => {
+            let other = if matrix_of(a).is_some() { b } else { a };
+            match (other, vector(&m)) {
+                (Expr::Tuple(items), Some(v)) => ordered(items, &v, cx),
+                _ => Ok((false, Rule::KindMismatch)),
+            }
+        }
+        (None, None) => Ok((false, Rule::KindMismatch)),
+    }
 }
 
 fn ordered(x: &[Expr], y: &[Expr], cx: &Ctx) -> Decision {
@@ -234,9 +367,17 @@ fn relation_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
             if equivalent(l1, l2, cx)?.0 && equivalent(r1, r2, cx)?.0 {
                 return Ok((true, Rule::RelationEqual));
             }
+            // `W(n) = 1` and `W(x) = 1` name the same function at a dummy argument.
+            let same_function =
+                function_head(l1).is_some() && function_head(l1) == function_head(l2);
+            if op1 == RelOp::Eq && same_function && equivalent(r1, r2, cx)?.0 {
+                return Ok((true, Rule::RelationEqual));
+            }
             let symmetric = matches!(op1, RelOp::Eq | RelOp::Ne);
-            let swapped = symmetric && equivalent(l1, r2, cx)?.0 && equivalent(r1, l2, cx)?.0;
-            Ok((swapped, Rule::RelationEqual))
+            if symmetric && equivalent(l1, r2, cx)?.0 && equivalent(r1, l2, cx)?.0 {
+                return Ok((true, Rule::RelationEqual));
+            }
+            Ok((proportional(l1, op1, r1, l2, r2, cx)?, Rule::RelationEqual))
         }
         (Expr::Relation(l, op, r), other) | (other, Expr::Relation(l, op, r)) => {
             relation_vs_value(l, *op, r, other, cx)
@@ -245,11 +386,94 @@ fn relation_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
     }
 }
 
+/// Two relations with the same (canonical) operator whose sides are
+/// expressions in free variables: equal when `l1 - r1` is a constant multiple
+/// of `l2 - r2` at every sample point, positive for inequalities and nonzero
+/// for equations. So `2x+4y-3=0` equals `y=-\frac{1}{2}x+\frac{3}{4}` and
+/// `-x > -1` (canonically `1 > x`) equals `x < 1`.
+fn proportional(
+    l1: &Expr,
+    op: RelOp,
+    r1: &Expr,
+    l2: &Expr,
+    r2: &Expr,
+    cx: &Ctx,
+) -> Result<bool, TimedOut> {
+    let mut names = BTreeSet::new();
+    for e in [l1, r1, l2, r2] {
+        collect_vars(e, &mut names);
+    }
+    if names.is_empty() {
+        return Ok(false);
+    }
+    let d1 = Expr::Sub(Box::new(l1.clone()), Box::new(r1.clone()));
+    let d2 = Expr::Sub(Box::new(l2.clone()), Box::new(r2.clone()));
+    let mut ratio: Option<f64> = None;
+    let mut agreed = 0;
+    for point in 0..SAMPLE_POINTS {
+        let env = sample_env(&names, point);
+        let ev = cx.evaluator(&env);
+        let (Some(x), Some(y)) = (ev.eval(&d1)?, ev.eval(&d2)?) else {
+            continue;
+        };
+        let (Some(x), Some(y)) = (x.to_f64(), y.to_f64()) else {
+            continue;
+        };
+        if y.abs() < ZERO_EPS || x.abs() < ZERO_EPS {
+            if (x.abs() < ZERO_EPS) != (y.abs() < ZERO_EPS) {
+                return Ok(false);
+            }
+            continue;
+        }
+        let q = x / y;
+        match ratio {
+            None => ratio = Some(q),
+            Some(r) if close(r, q, 1e-9) => {}
+            Some(_) => return Ok(false),
+        }
+        agreed += 1;
+    }
+    let sign_ok = match (op, ratio) {
+        (_, None) => false,
+        (RelOp::Eq | RelOp::Ne, Some(r)) => r != 0.0,
+        (_, Some(r)) => r > 0.0,
+    };
+    Ok(sign_ok && agreed >= 3)
+}
+
+/// The name of a function applied to an argument list (`f(x)`, `W(n)`).
+fn function_head(e: &Expr) -> Option<&str> {
+    match e {
+        Expr::Mul(f, arg) => match (&**f, &**arg) {
+            (Expr::Var(name), Expr::Var(_) | Expr::Tuple(_)) => Some(name),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn sample_env(names: &BTreeSet<String>, point: usize) -> Vec<(String, f64)> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(j, name)| (name.clone(), SAMPLES[(point + 3 * j) % SAMPLES.len()]))
+        .collect()
+}
+
+/// A relation against a plain answer. An equation whose one side is a label
+/// (`x`, `f(x)`, `|AB|`, `(p, q)`) states its other side, and a computation
+/// without unknowns (`5 \times 6 \times 4 = 120`) its result; an equation in
+/// unknowns (`2x + z = 1`, `7 = 11a + c`) is not a value. An inequality in one label
+/// states an interval.
 fn relation_vs_value(l: &Expr, op: RelOp, r: &Expr, other: &Expr, cx: &Ctx) -> Decision {
-    let value_side = match (l, r) {
-        (Expr::Var(_), _) => r,
-        (_, Expr::Var(_)) => l,
-        _ => return Ok((false, Rule::KindMismatch)),
+    let value_side = if is_label(l) {
+        r
+    } else if is_label(r) {
+        l
+    } else if op == RelOp::Eq && !has_vars(l) && !has_vars(r) {
+        r
+    } else {
+        return Ok((false, Rule::KindMismatch));
     };
     if op == RelOp::Eq {
         return equivalent(value_side, other, cx);
@@ -262,10 +486,12 @@ fn relation_vs_value(l: &Expr, op: RelOp, r: &Expr, other: &Expr, cx: &Ctx) -> D
 
 /// `x > a` as `(a, \infty)`, `a \ge x` as `(-\infty, a]`, and so on.
 fn relation_interval(l: &Expr, op: RelOp, r: &Expr) -> Option<Expr> {
-    let (_, op, bound) = match (l, r) {
-        (Expr::Var(_), _) => (l, op, r),
-        (_, Expr::Var(_)) => (r, flip(op), l),
-        _ => return None,
+    let (op, bound) = if is_label(l) {
+        (op, r)
+    } else if is_label(r) {
+        (flip(op), l)
+    } else {
+        return None;
     };
     let inf = || Box::new(Expr::Const(Constant::Infinity));
     let neg_inf = || Box::new(Expr::Neg(inf()));
@@ -417,11 +643,7 @@ fn sample_compare(a: &Expr, b: &Expr, cx: &Ctx) -> Result<Option<(bool, Rule)>, 
     }
     let mut agreed = 0;
     for point in 0..SAMPLE_POINTS {
-        let env: Vec<(String, f64)> = names
-            .iter()
-            .enumerate()
-            .map(|(j, name)| (name.clone(), SAMPLES[(point + 3 * j) % SAMPLES.len()]))
-            .collect();
+        let env = sample_env(&names, point);
         let ev = cx.evaluator(&env);
         let (Some(x), Some(y)) = (ev.eval(a)?, ev.eval(b)?) else {
             continue;
@@ -435,6 +657,12 @@ fn sample_compare(a: &Expr, b: &Expr, cx: &Ctx) -> Result<Option<(bool, Rule)>, 
         agreed += 1;
     }
     Ok((agreed > 0).then_some((true, Rule::SymbolicSample)))
+}
+
+fn has_vars(e: &Expr) -> bool {
+    let mut names = BTreeSet::new();
+    collect_vars(e, &mut names);
+    !names.is_empty()
 }
 
 fn collect_vars(e: &Expr, names: &mut BTreeSet<String>) {

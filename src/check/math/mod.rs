@@ -271,7 +271,12 @@ pub fn check_until(gold: &str, pred: &str, opts: &MathOptions, deadline: Instant
     out.gold_normal = Some(gold_norm.text.clone());
     out.gold_span = Some(gold_span);
     let gold_is_text = matches!(gold_expr, Ok(Expr::Text(_)));
-    let Some(pred_span) = pred_answer(pred, fallback, gold_is_text, &deadline) else {
+    let gold_is_number = gold_expr.as_ref().is_ok_and(Expr::is_plain_number);
+    let kind = GoldKind {
+        text: gold_is_text,
+        number: gold_is_number,
+    };
+    let Some(pred_span) = pred_answer(pred, fallback, kind, &deadline) else {
         out.verdict = Verdict::UnparseablePred;
         return out;
     };
@@ -315,30 +320,89 @@ fn gold_answer(gold: &str) -> Option<AnswerSpan> {
     })
 }
 
+/// What the gold is, as far as reading the prediction depends on it.
+#[derive(Debug, Clone, Copy)]
+struct GoldKind {
+    /// The gold is plain text.
+    text: bool,
+    /// The gold is a plain number.
+    number: bool,
+}
+
 /// Picks the answer out of the prediction: an explicit marker first, then
-/// the whole prediction when it is a short bare answer, then (if allowed) the
-/// last number.
+/// the whole prediction when it is a short bare answer, then the last math
+/// span, then (if allowed) the last number.
 fn pred_answer(
     pred: &str,
     fallback: bool,
-    gold_is_text: bool,
+    gold: GoldKind,
     deadline: &Deadline,
 ) -> Option<AnswerSpan> {
-    extract_answer(pred, false)
-        .or_else(|| bare_answer(pred, gold_is_text, deadline))
-        .or_else(|| fallback.then(|| extract_answer(pred, true)).flatten())
+    if let Some(found) =
+        extract_answer(pred, false).or_else(|| bare_answer(pred, gold.text, deadline))
+    {
+        return Some(found);
+    }
+    let span = last_math_span(pred, gold, deadline);
+    let number = fallback.then(|| extract_answer(pred, true)).flatten();
+    match (span, number) {
+        // Whichever comes last is the conclusion; a number inside the span is part of it.
+        (Some(s), Some(n)) => Some(if n.end > s.end { n } else { s }),
+        (s, n) => s.or(n),
+    }
+}
+
+/// The last math span of a completion without an answer marker, when it
+/// reads as math rather than prose. Single-dollar spans double as currency
+/// signs in word problems (`$5 and $7`), so against a plain-number gold they
+/// count only when they hold LaTeX commands; the last-number guess covers
+/// the rest.
+fn last_math_span(pred: &str, gold: GoldKind, deadline: &Deadline) -> Option<AnswerSpan> {
+    let (start, end, single) = extract::math_spans(pred)
+        .into_iter()
+        .rev()
+        .find(|&(s, e, _)| !pred[s..e].trim().is_empty())?;
+    let inner = &pred[start..end];
+    if single && gold.number && !inner.contains('\\') {
+        return None;
+    }
+    let parsed = parse::parse_with(&normalize(inner).text, deadline).ok()?;
+    if matches!(parsed, Expr::Text(_)) && !gold.text {
+        return None;
+    }
+    let lead = inner.len() - inner.trim_start().len();
+    let text = inner.trim();
+    Some(AnswerSpan {
+        text: text.to_string(),
+        start: start + lead,
+        end: start + lead + text.len(),
+        method: ExtractMethod::MathSpan,
+    })
 }
 
 /// The whole prediction, when it is one short line that parses as math
-/// (or as text, when the gold is text too) rather than prose.
+/// (or as text, when the gold is text too) rather than prose, or that is
+/// wholly one math span (`$…$`).
 fn bare_answer(pred: &str, gold_is_text: bool, deadline: &Deadline) -> Option<AnswerSpan> {
     let trimmed = pred.trim();
     if trimmed.is_empty() || trimmed.contains('\n') || trimmed.len() > 200 {
         return None;
     }
-    let parsed = parse::parse_with(&normalize(trimmed).text, deadline).ok()?;
-    if matches!(parsed, Expr::Text(_)) && !gold_is_text {
-        return None;
+    let whole_span = extract::math_spans(trimmed)
+        .first()
+        .is_some_and(|&(s, e, _)| {
+            trimmed[..s]
+                .trim_start_matches(['$', '\\', '(', '['])
+                .is_empty()
+                && trimmed[e..]
+                    .trim_end_matches(['$', '\\', ')', ']', '.'])
+                    .is_empty()
+        });
+    if !whole_span {
+        let parsed = parse::parse_with(&normalize(trimmed).text, deadline).ok()?;
+        if matches!(parsed, Expr::Text(_)) && !gold_is_text {
+            return None;
+        }
     }
     let start = pred.len() - pred.trim_start().len();
     Some(AnswerSpan {
