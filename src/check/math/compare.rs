@@ -379,9 +379,8 @@ fn relation_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
             }
             Ok((proportional(l1, op1, r1, l2, r2, cx)?, Rule::RelationEqual))
         }
-        (Expr::Relation(l, op, r), other) | (other, Expr::Relation(l, op, r)) => {
-            relation_vs_value(l, *op, r, other, cx)
-        }
+        (Expr::Relation(l, op, r), other) => relation_vs_value(l, *op, r, other, false, cx),
+        (other, Expr::Relation(l, op, r)) => relation_vs_value(l, *op, r, other, true, cx),
         _ => Ok((false, Rule::KindMismatch)),
     }
 }
@@ -463,14 +462,23 @@ fn sample_env(names: &BTreeSet<String>, point: usize) -> Vec<(String, f64)> {
 /// A relation against a plain answer. An equation whose one side is a label
 /// (`x`, `f(x)`, `|AB|`, `(p, q)`) states its other side, and a computation
 /// without unknowns (`5 \times 6 \times 4 = 120`) its result; an equation in
-/// unknowns (`2x + z = 1`, `7 = 11a + c`) is not a value. An inequality in one label
-/// states an interval.
-fn relation_vs_value(l: &Expr, op: RelOp, r: &Expr, other: &Expr, cx: &Ctx) -> Decision {
+/// unknowns (`2x + z = 1`, `7 = 11a + c`) is not a value. The reading is
+/// guided by the gold, as in math-verify: a predicted equation ends in its
+/// value (`2x + z = 1` answers `1`), a gold equation in unknowns does not
+/// accept a bare value. An inequality in one label states an interval.
+fn relation_vs_value(
+    l: &Expr,
+    op: RelOp,
+    r: &Expr,
+    other: &Expr,
+    relation_is_pred: bool,
+    cx: &Ctx,
+) -> Decision {
     let value_side = if is_label(l) {
         r
     } else if is_label(r) {
         l
-    } else if op == RelOp::Eq && !has_vars(l) && !has_vars(r) {
+    } else if op == RelOp::Eq && (relation_is_pred || !has_vars(l) && !has_vars(r)) {
         r
     } else {
         return Ok((false, Rule::KindMismatch));

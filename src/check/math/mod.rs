@@ -440,7 +440,8 @@ fn decide(
         Err(ParseError::TimedOut) => return (Verdict::Timeout, Rule::Deadline),
         Err(_) => return (Verdict::UnparseableGold, Rule::ParseFailure),
     };
-    let pred_expr = match parse::parse_with(&pred.text, deadline) {
+    let pred_text = decimal_comma_for(&gold_expr, &pred.text);
+    let pred_expr = match parse::parse_with(&pred_text, deadline) {
         Ok(expr) => expr,
         Err(ParseError::TimedOut) => return (Verdict::Timeout, Rule::Deadline),
         Err(_) => return (Verdict::UnparseablePred, Rule::ParseFailure),
@@ -450,6 +451,29 @@ fn decide(
         Ok((true, rule)) => (Verdict::Correct, rule),
         Ok((false, rule)) => (Verdict::Incorrect, rule),
         Err(TimedOut) => (Verdict::Timeout, Rule::Deadline),
+    }
+}
+
+/// Against a gold written with a decimal point (`2.5`), a prediction `2,5`
+/// is the same number with a decimal comma rather than a list of two.
+fn decimal_comma_for(gold: &Expr, pred: &str) -> String {
+    let decimal_gold = match gold {
+        Expr::Num { places, .. } => *places > 0,
+        Expr::Neg(inner) => matches!(**inner, Expr::Num { places, .. } if places > 0),
+        _ => false,
+    };
+    let t = pred.trim();
+    let digits = t.strip_prefix('-').unwrap_or(t);
+    let comma_number = digits.split_once(',').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    });
+    if decimal_gold && comma_number {
+        t.replacen(',', ".", 1)
+    } else {
+        pred.to_string()
     }
 }
 

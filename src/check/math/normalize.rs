@@ -28,9 +28,9 @@ pub fn normalize(raw: &str) -> Normalized {
     s = replace_symbols(&s);
     s = repeating_decimals(&s);
     s = unwrap_commands(&s);
+    s = matrices(&s);
     s = strip_delimiters(&s);
     s = SIZING.replace_all(&s, "").into_owned();
-    s = matrices(&s);
     s = join_thin_thousands(&s);
     s = SPACING.replace_all(&s, " ").into_owned();
     s = FRAC_VARIANT.replace_all(&s, "\\frac$1").into_owned();
@@ -86,6 +86,8 @@ static THIN_THOUSANDS: LazyLock<Regex> = LazyLock::new(|| {
 static SPACE_THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"^-?[1-9]\d{0,2}(?: \d{3})+(?:\.\d+)?$"));
 static DECIMAL_COMMA: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"^(-?)(\d+),(\d+)$"));
+static ROW_SKIP: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"^\[\s*-?[\d.]+\s*(?:pt|em|ex|mm|cm|in)\s*\]"));
 static DOUBLED: LazyLock<Regex> = LazyLock::new(|| {
     regex_or_never(concat!(
         r"(^|[^\\])\\\\(frac|dfrac|tfrac|left|right|sqrt|boxed|text|textbf|mathrm|mathbf|",
@@ -251,7 +253,10 @@ fn matrices(s: &str) -> String {
             break;
         }
         let body = out[body_start..end].trim().trim_end_matches("\\\\").trim();
-        let rows: Vec<&str> = body.split("\\\\").map(str::trim).collect();
+        let rows: Vec<String> = body
+            .split("\\\\")
+            .map(|row| ROW_SKIP.replace(row.trim(), "").trim().to_string())
+            .collect();
         let replaced = format!(" \\begmat {} \\endmat ", rows.join(" \\cr "));
         out.replace_range(start..end + end_tag.len(), &replaced);
     }
