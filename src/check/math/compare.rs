@@ -10,7 +10,7 @@ use num_rational::BigRational;
 use num_traits::{Signed, Zero};
 
 use super::eval::{Evaluator, Limits, Value};
-use super::parse::{choice_letter, is_label, Constant, Expr, RelOp};
+use super::parse::{choice_letter, is_label, Constant, Expr, Func, RelOp};
 use super::{Deadline, MathOptions, Rule, TimedOut};
 
 /// Sample values for free variables: irregular, of both signs, away from
@@ -110,7 +110,9 @@ fn collection_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
         (Expr::Tuple(x), Expr::Tuple(y) | Expr::List(y)) | (Expr::List(x), Expr::Tuple(y)) => {
             ordered(x, y, cx)
         }
-        (Expr::Union(x), Expr::Union(y)) => unordered(x, y, cx),
+        (Expr::Union(x), Expr::Union(y) | Expr::List(y)) | (Expr::List(x), Expr::Union(y)) => {
+            unordered(x, y, cx)
+        }
         (Expr::Union(x), other) | (other, Expr::Union(x)) if x.len() == 1 => {
             equivalent(&x[0], other, cx)
         }
@@ -503,6 +505,10 @@ fn relation_interval(l: &Expr, op: RelOp, r: &Expr) -> Option<Expr> {
     };
     let inf = || Box::new(Expr::Const(Constant::Infinity));
     let neg_inf = || Box::new(Expr::Neg(inf()));
+    let label = if is_label(l) { l } else { r };
+    if matches!(label, Expr::Func(Func::Abs, _)) {
+        return Some(abs_interval(op, bound));
+    }
     let bound = Box::new(bound.clone());
     let (left_closed, lo, hi, right_closed) = match op {
         RelOp::Gt => (false, bound, inf(), false),
@@ -517,6 +523,27 @@ fn relation_interval(l: &Expr, op: RelOp, r: &Expr) -> Option<Expr> {
         hi,
         right_closed,
     })
+}
+
+/// `|x| < b` as `(-b, b)`, `|x| \ge b` as `(-\infty, -b] \cup [b, \infty)`.
+fn abs_interval(op: RelOp, bound: &Expr) -> Expr {
+    let inf = || Box::new(Expr::Const(Constant::Infinity));
+    let neg = |e: Box<Expr>| Box::new(Expr::Neg(e));
+    let b = || Box::new(bound.clone());
+    let closed = matches!(op, RelOp::Le | RelOp::Ge);
+    let interval = |left_closed, lo, hi, right_closed| Expr::Interval {
+        left_closed,
+        lo,
+        hi,
+        right_closed,
+    };
+    match op {
+        RelOp::Lt | RelOp::Le => interval(closed, neg(b()), b(), closed),
+        _ => Expr::Union(vec![
+            interval(false, neg(inf()), neg(b()), closed),
+            interval(closed, b(), inf(), false),
+        ]),
+    }
 }
 
 fn flip(op: RelOp) -> RelOp {

@@ -28,6 +28,8 @@ pub enum ExtractMethod {
     LastNumber,
     /// The last math span (`$…$`, `\(…\)`, `\[…\]`) that reads as math.
     MathSpan,
+    /// The statement of the last line ("The solution is −2 ≤ x ≤ 7.").
+    LastLine,
     /// The whole input (used for bare gold answers).
     Whole,
 }
@@ -165,6 +167,13 @@ fn last_boxed(text: &str) -> Option<(AnswerSpan, usize)> {
         group.push(content.clone());
         first_at = *at;
     }
+    // The same answer boxed twice is one answer.
+    let mut seen = Vec::new();
+    group.retain(|s| {
+        let new = !seen.contains(&s.text);
+        seen.push(s.text.clone());
+        new
+    });
     if group.len() == 1 {
         return group.pop().map(|s| (s, last_end));
     }
@@ -339,8 +348,14 @@ fn narrow_prose(text: &str, start: usize, end: usize) -> (usize, usize) {
         }
         kept
     };
-    if PROSE_WORD.find_iter(&outside_math).count() < 2 {
-        return (start, end);
+    let spans = math_spans(slice);
+    let words = PROSE_WORD.find_iter(&outside_math).count();
+    if words < 2 {
+        // A filler word around one math span: "indeed $\frac{1}{2}$".
+        return match spans.as_slice() {
+            [(s, e, _)] if words == 1 => (start + s, start + e),
+            _ => (start, end),
+        };
     }
     let link = LINKING.find_iter(&outside_math).last().map(|m| m.end());
     if let Some(after) = link {
@@ -355,16 +370,35 @@ fn narrow_prose(text: &str, start: usize, end: usize) -> (usize, usize) {
             }
         }
     }
+    if let Some(&(s, e, _)) = spans.last() {
+        return (start + s, start + e);
+    }
     match last_number(slice) {
         Some(n) => (start + n.start, start + n.end),
         None => (start, end),
     }
 }
 
+/// The answer stated by the last line of a completion that has no answer
+/// marker, math span or number to go by ("The solution is −2 ≤ x ≤ 7.").
+pub(crate) fn last_line(text: &str) -> Option<AnswerSpan> {
+    let trimmed = text.trim_end();
+    let start = trimmed.rfind('\n').map_or(0, |i| i + 1);
+    let (start, end) = skip_markup(text, start, trimmed.len());
+    // The last sentence of the line.
+    let line = &text[start..end];
+    let body = line.trim_end_matches(['.', '!', ' ']);
+    let sentence_start = body.rfind(". ").map_or(start, |i| start + i + 2);
+    let (s, e) = trim_sentence(text, sentence_start, end);
+    let (s, e) = narrow_prose(text, s, e);
+    span(text, s, e, ExtractMethod::LastLine)
+}
+
 /// Skips leading whitespace, `*` and `:` left over from markdown.
 fn skip_markup(text: &str, start: usize, end: usize) -> (usize, usize) {
     let slice = &text[start..end];
-    let rest = slice.trim_start_matches(|c: char| c.is_whitespace() || c == '*' || c == ':');
+    let rest =
+        slice.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '*' | ':' | '}'));
     (start + slice.len() - rest.len(), end)
 }
 

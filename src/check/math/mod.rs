@@ -348,8 +348,16 @@ fn pred_answer(
     match (span, number) {
         // Whichever comes last is the conclusion; a number inside the span is part of it.
         (Some(s), Some(n)) => Some(if n.end > s.end { n } else { s }),
+        (None, None) => last_line_answer(pred, gold, deadline),
         (s, n) => s.or(n),
     }
+}
+
+/// The statement of the last line, when it reads as math.
+fn last_line_answer(pred: &str, gold: GoldKind, deadline: &Deadline) -> Option<AnswerSpan> {
+    let found = extract::last_line(pred)?;
+    let parsed = parse::parse_with(&normalize(&found.text).text, deadline).ok()?;
+    (!matches!(parsed, Expr::Text(_)) || gold.text).then_some(found)
 }
 
 /// The last math span of a completion without an answer marker, when it
