@@ -53,6 +53,24 @@ fn relations_and_inequalities() {
         (r"1 \leq |z| \leq 2", "[1, 2]", Incorrect),
         (r"x \neq 3", "x = 3", Incorrect),
         ("-793 < a < 10", "(-793, 11)", Incorrect),
+        (
+            r"(-\infty, -2) \cup (2, \infty)",
+            r"\boxed{x < -2 \text{ or } x > 2}",
+            Correct,
+        ),
+        (
+            r"(-\infty, -2) \cup (2, \infty)",
+            r"\boxed{|x| > 2}",
+            Correct,
+        ),
+        (r"(-3, 3)", r"\boxed{|x| < 3}", Correct),
+        (r"(2, \infty)", r"\boxed{|x| > 2}", Incorrect),
+        (r"[-3, 3]", r"\boxed{|x| < 3}", Incorrect),
+        (
+            r"(-\infty, -2) \cup (2, \infty)",
+            r"\boxed{x < -2 \text{ or } x > 3}",
+            Incorrect,
+        ),
     ]);
 }
 
@@ -119,6 +137,7 @@ fn several_final_answers() {
             r"First we get \boxed{3}. Checking the cases again shows the count is \boxed{5}",
             Correct,
         ),
+        ("-2", r"\boxed{-2} \text{ and } \boxed{-2}", Correct),
         ("1, 2", r"\boxed{1}, \boxed{3}", Incorrect),
         ("1, 2", r"\boxed{1} no no no no no \boxed{2}", Incorrect),
         ("1, 2, 3", r"\boxed{1} and \boxed{2}", Incorrect),
@@ -196,6 +215,10 @@ fn number_formats() {
             Correct,
         ),
         ("25", "25 dollars", Correct),
+        ("1000", "€1000", Correct),
+        ("12.5", "The total is £12.50.", Correct),
+        ("60", r"\boxed{60 \text{ km/h}}", Correct),
+        ("60", r"\boxed{70 \text{ km/h}}", Incorrect),
         ("1.222", "1,222", Incorrect),
         ("1000", "1 001", Incorrect),
         ("1000.99", "1000,98", Incorrect),
@@ -221,6 +244,11 @@ fn answers_in_long_completions() {
          it is correct."
     );
     let relation = format!("{ramble}Therefore $x \\geq 5$ is the solution.");
+    let last_line = format!("{ramble}The solution is −2 ≤ x ≤ 7.");
+    let restated_box = format!(
+        "{ramble}$\\boxed{{\\frac{{1}}{{2}}}}$.\n\nWait, let me double check: the answer is indeed \
+         $\\frac{{1}}{{2}}$."
+    );
     assert_verdicts(&[
         ("34", &n34, Correct),
         ("120", &volume, Correct),
@@ -231,6 +259,10 @@ fn answers_in_long_completions() {
         ("$(6,7)$", &pair, Incorrect),
         ("255", &restated, Incorrect),
         ("x > 5", &relation, Incorrect),
+        ("[-2, 7]", &last_line, Correct),
+        ("[-2, 6]", &last_line, Incorrect),
+        (r"\frac{1}{2}", &restated_box, Correct),
+        (r"\frac{1}{3}", &restated_box, Incorrect),
     ]);
 }
 

@@ -76,6 +76,14 @@ static UNIT: LazyLock<Regex> = LazyLock::new(|| {
         r"(?:\s*\^\s*\{?\d\}?)?\.?\s*$"
     ))
 });
+static RATE_UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    regex_or_never(concat!(
+        r"(?i)([\d}])\s*(?:k?m|cm|mi|ft|miles?|meters?|kilometers?|km)\s*/\s*",
+        r"(?:h|hr|hours?|s|sec|seconds?|min|minutes?)\.?\s*$"
+    ))
+});
+static CURRENCY_CODE: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"^(?:USD|EUR|GBP|INR|Rs\.?)\s*(-?[\d.])"));
 static SHORT_UNIT: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"(\d)\s+(?:m|g|s|h|l|L)(?:\s*\^\s*\{?\d\}?)?\s*$"));
 static TRAILING_WORDS: LazyLock<Regex> =
@@ -122,6 +130,7 @@ fn replace_symbols(s: &str) -> String {
             '∅' => out.push_str("\\emptyset "),
             '\u{00a0}' | '\u{2009}' | '\u{202f}' | '"' | '“' | '”' => out.push(' '),
             '≈' => out.push_str("\\approx "),
+            '€' | '£' | '¥' | '₹' | '₽' | '₩' => out.push(' '),
             _ => out.push(c),
         }
     }
@@ -330,8 +339,10 @@ fn expand_plus_minus(s: &str) -> String {
 /// Drops trailing unit words (`5 cm^2`, `58 dollars`, `15 years old`).
 fn strip_units(s: &str) -> String {
     let mut s = s.trim().to_string();
+    s = CURRENCY_CODE.replace(&s, "$1").into_owned();
     for _ in 0..4 {
-        let next = UNIT.replace(&s, "$1").into_owned();
+        let next = RATE_UNIT.replace(&s, "$1").into_owned();
+        let next = UNIT.replace(&next, "$1").into_owned();
         let next = SHORT_UNIT.replace(&next, "$1").into_owned();
         let next = TRAILING_WORDS.replace(&next, "$1").into_owned();
         let next = next.trim().to_string();
