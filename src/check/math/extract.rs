@@ -191,7 +191,7 @@ fn last_boxed(text: &str) -> Option<(AnswerSpan, usize)> {
 /// Whether the text between two boxes joins them into one answer: only
 /// separators (commas, `\quad`, math delimiters), a short phrase with "and" or
 /// "or" (`\text{ and }`, "for part (a) and"), or symbols without words.
-fn joinable_gap(gap: &str) -> bool {
+pub(crate) fn joinable_gap(gap: &str) -> bool {
     if gap.len() > 80 {
         return false;
     }
@@ -329,8 +329,20 @@ fn phrase_answer(text: &str, from: usize) -> Option<(usize, usize)> {
         end = line_end(start);
     }
     let (start, end) = skip_markup(text, start, end);
-    if let Some(inner) = math_delimited(text, start, end) {
-        return Some(inner);
+    if let Some((s, e)) = math_delimited(text, start, end) {
+        // `$2$ and $3$`: math spans joined by "and", "or" or commas are one answer.
+        let mut last = e;
+        for (ss, ee, _) in math_spans(&text[start..end]) {
+            let (ss, ee) = (start + ss, start + ee);
+            if ss <= last {
+                continue;
+            }
+            if !joinable_gap(&text[last..ss]) {
+                break;
+            }
+            last = ee;
+        }
+        return Some((s, last));
     }
     let (start, end) = trim_sentence(text, start, end);
     Some(narrow_prose(text, start, end))

@@ -366,10 +366,18 @@ fn last_line_answer(pred: &str, gold: GoldKind, deadline: &Deadline) -> Option<A
 /// count only when they hold LaTeX commands; the last-number guess covers
 /// the rest.
 fn last_math_span(pred: &str, gold: GoldKind, deadline: &Deadline) -> Option<AnswerSpan> {
-    let (start, end, single) = extract::math_spans(pred)
+    let spans: Vec<(usize, usize, bool)> = extract::math_spans(pred)
         .into_iter()
-        .rev()
-        .find(|&(s, e, _)| !pred[s..e].trim().is_empty())?;
+        .filter(|&(s, e, _)| !pred[s..e].trim().is_empty())
+        .collect();
+    let &(mut start, end, single) = spans.last()?;
+    // `$x = 2$ and $x = 3$`: spans joined by "and", "or" or commas are one answer.
+    for &(s, e, _) in spans.iter().rev().skip(1) {
+        if e > start || !extract::joinable_gap(&pred[e..start]) {
+            break;
+        }
+        start = s;
+    }
     let inner = &pred[start..end];
     if single && gold.number && !inner.contains('\\') {
         return None;
