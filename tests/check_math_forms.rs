@@ -170,6 +170,13 @@ fn labelled_answers() {
             r"\frac{\sqrt{6}}{6}",
             Correct,
         ),
+        (
+            r"f^{-1}(x) = \frac{x-3}{2}",
+            r"\boxed{\frac{x-3}{2}}",
+            Correct,
+        ),
+        ("f'(x) = 2x", r"\boxed{2x}", Correct),
+        ("f'(x) = 2x", r"\boxed{x^2}", Incorrect),
         ("$(p,q)=(3,2)$", "$(2,3)$", Incorrect),
         ("$2x + z = 1$", "$1$", Incorrect),
         ("$V_{1}:V_{2}=11:21$", "$21:11$", Incorrect),

@@ -392,7 +392,8 @@ fn narrow_prose(text: &str, start: usize, end: usize) -> (usize, usize) {
 }
 
 /// The answer stated by the last line of a completion that has no answer
-/// marker, math span or number to go by ("The solution is −2 ≤ x ≤ 7.").
+/// marker, math span or number to go by ("The solution is −2 ≤ x ≤ 7."),
+/// when the line states it with a linking word (`is`, `=`, …).
 pub(crate) fn last_line(text: &str) -> Option<AnswerSpan> {
     let trimmed = text.trim_end();
     let start = trimmed.rfind('\n').map_or(0, |i| i + 1);
@@ -402,6 +403,10 @@ pub(crate) fn last_line(text: &str) -> Option<AnswerSpan> {
     let body = line.trim_end_matches(['.', '!', ' ']);
     let sentence_start = body.rfind(". ").map_or(start, |i| start + i + 2);
     let (s, e) = trim_sentence(text, sentence_start, end);
+    // Only a sentence that states something ("… is …", "… = …") is read.
+    if !LINKING.is_match(&text[s..e]) {
+        return None;
+    }
     let (s, e) = narrow_prose(text, s, e);
     span(text, s, e, ExtractMethod::LastLine)
 }

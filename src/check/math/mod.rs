@@ -11,9 +11,10 @@
 //!
 //! 1. **Extraction** ([`extract_answer`]): find the final answer inside a
 //!    completion (last `\boxed{}`/`\fbox{}`, GSM8K `#### N`, "The answer is
-//!    …", "Final Answer: …", bold answers near the end, `A: …` lines, and
-//!    optionally the last number in the text). The gold is extracted the same
-//!    way when it looks like a whole solution rather than a bare answer.
+//!    …", "Final Answer: …", bold answers near the end, `A: …` lines; then
+//!    the last math span, the last line, and optionally the last number in the
+//!    text). The gold is extracted the same way when it looks like a whole
+//!    solution rather than a bare answer.
 //! 2. **Normalisation and parsing** ([`normalize`], [`parse`]): strip LaTeX
 //!    presentation (`\left`, `\text{}`, `$`, units, `%`, degrees, thousands
 //!    separators, …) and parse into an [`Expr`] tree.
@@ -46,6 +47,47 @@
 //! * **Percent**: `%` is stripped, so `10\%` equals `10`; when exactly one side
 //!   carried a percent sign its value divided by 100 is also accepted
 //!   (`10\%` equals `0.1`).
+//!
+//! # Answer forms
+//!
+//! * **Relations**: `<`, `>`, `\le`, `\ge`, `\lt`, `\gt`, `\ne`, `<=`, `>=`, `!=` and their
+//!   unicode forms. Two relations are equal when their operator agrees (after writing `<` as
+//!   `>` with sides swapped) and `lhs - rhs` of one is a constant multiple of the other's at
+//!   every sample point (positive for inequalities), so `-x > -1` equals `x < 1`, and lines,
+//!   planes and conics equal any rearrangement or nonzero multiple (`2x+4y-3=0` and
+//!   `y=-\frac{1}{2}x+\frac{3}{4}`). A chain `a < x \le b` around a label is the interval
+//!   `(a, b]`, around `|x|` the union of its two mirrored intervals; a relation in one label
+//!   against an interval or union is compared as the set it states, whichever side it is on.
+//! * **Matrices**: `pmatrix`, `bmatrix`, `vmatrix`, `matrix` and `array` (also inside
+//!   `\left[ … \right]`) are equal when they have the same shape and equal entries; sums,
+//!   products and scalar multiples of written matrices are evaluated entry by entry, and a
+//!   single row or column equals the tuple of its entries.
+//! * **Several answers**: boxes written together (`\boxed{1}, \boxed{2}`, `\boxed{a} \quad
+//!   \text{and} \quad \boxed{b}`, or a short phrase with "and"/"or" between them) are one
+//!   answer, a list compared as an unordered collection with the gold's list, set or boxes; a box
+//!   that a later sentence revises ("… \boxed{3}. After checking, … \boxed{5}") is not joined.
+//!   Math spans joined the same way (`$x = 2$ and $x = 3$`) are one answer too. Collections
+//!   compare as sets: a repeated element counts once.
+//! * **Labelled answers**: an equation whose one side is a label (`x`, `AB`, `|AB|`, `f(x)`,
+//!   `\frac{NO}{BO}`, `V_1 : V_2`, `(p, q)`) states its other side, so `(p,q)=(3,2)` equals
+//!   `(3,2)` and `AB=4,CD=5` equals `4, 5`; `;` separates solutions (`p=5,q=2;p=7,q=2` is
+//!   `(5,2),(7,2)`). A chained `x = 5+5+1 = 7 = 11` states its last value for its last label;
+//!   `\approx` and what follows an exact value are dropped. The gold guides the reading, as in
+//!   math-verify: a predicted equation ends in its value (`2x + z = 1` answers `1`), while a gold
+//!   equation in unknowns (`2x + z = 1`) does not accept a bare `1`. `a : b` is the ratio `a/b`.
+//! * **Number formats**: digit groups separated by `,`, `{,}`, `\,`, `\!`, `\ `, thin or plain
+//!   spaces (`11,\! 111,\! 100`, `1 000`) are one number; currency signs and codes and unit
+//!   words around a number are dropped. A lone number with a decimal comma (`1000,99`, `0,111`,
+//!   `2,74`) is read as a decimal. **Ambiguous `1,222`** (a comma followed by exactly three
+//!   digits) is a thousands separator, i.e. `1222`, unless the integer part is `0`; `1,2` stays
+//!   the list `1, 2` unless the gold is a decimal number such as `1.2`.
+//! * **Long completions**: after the answer markers, the last math span (joined as above) or,
+//!   for numeric golds, whichever of it and the last number comes later; then the statement of
+//!   the last line. An answer phrase followed by prose ("The largest $n$ is 34") is narrowed to
+//!   what follows its last linking word. A number inside a word (`AZYUK2A`) is never an answer.
+//! * **Dataset oddities**: LaTeX stored with doubled backslashes (`\\frac`, `\\left(`) is read
+//!   as LaTeX; two answers whose normal forms are the same text are equal even when neither
+//!   parses (`12:00`).
 //!
 //! # Deadlines
 //!

@@ -404,7 +404,7 @@ fn symbol(chars: &[char], i: usize, toks: &mut Vec<Tok>) -> Result<usize, ParseE
         ('=', _) => (Tok::Rel(RelOp::Eq), 1),
         ('<', _) => (Tok::Rel(RelOp::Lt), 1),
         ('>', _) => (Tok::Rel(RelOp::Gt), 1),
-        ('+' | '-' | '*' | '/' | '^' | '_' | '!' | ',', _) => (Tok::Op(chars[i]), 1),
+        ('+' | '-' | '*' | '/' | '^' | '_' | '!' | ',' | '\'', _) => (Tok::Op(chars[i]), 1),
         (';', _) => (Tok::Semi, 1),
         (':', _) => (Tok::Op(':'), 1),
         ('&', _) => (Tok::Amp, 1),
@@ -665,11 +665,19 @@ impl Parser<'_> {
         }
     }
 
-    /// A variable, with an optional subscript folded into its name.
-    fn variable(&mut self, name: String) -> PResult {
+    /// A variable, with an optional subscript and primes folded into its name.
+    fn variable(&mut self, mut name: String) -> PResult {
         if self.eat(&Tok::Op('_')) {
             let sub = self.nested(Self::argument)?;
-            return Ok(Expr::Var(format!("{name}_{sub}")));
+            name = format!("{name}_{sub}");
+        }
+        let mut primed = false;
+        while self.eat(&Tok::Op('\'')) {
+            name.push('\'');
+            primed = true;
+        }
+        if primed || name.contains('_') {
+            return Ok(Expr::Var(name));
         }
         if name == "e" {
             return Ok(Expr::Const(Constant::E));
@@ -847,6 +855,10 @@ pub(crate) fn is_label(e: &Expr) -> bool {
         Expr::Var(_) => true,
         Expr::Mul(a, b) | Expr::Div(a, b) => is_label(a) && is_label(b),
         Expr::Func(_, a) => is_label(a),
+        // `f^{-1}(x)`, an inverse function.
+        Expr::Pow(a, b) => {
+            is_label(a) && matches!(&**b, Expr::Neg(n) if matches!(**n, Expr::Num { .. }))
+        }
         Expr::Tuple(items) => items.iter().all(is_label),
         _ => false,
     }
