@@ -760,6 +760,25 @@ mod tests {
     }
 
     #[test]
+    fn relations_matrices_and_labels() {
+        assert_eq!(eq("-x > -1", "x < 1"), (true, Rule::RelationEqual));
+        assert_eq!(eq("-x < -1", "x < 1"), (false, Rule::RelationEqual));
+        assert_eq!(eq("2x+4y-3=0", "y=-x/2+3/4"), (true, Rule::RelationEqual));
+        assert_eq!(eq("0 < x < 1", "(0, 1)"), (true, Rule::IntervalEqual));
+        assert_eq!(eq("|x| < 3", "(-3, 3)"), (true, Rule::IntervalEqual));
+        assert_eq!(eq("(p,q) = (3,2)", "(3,2)"), (true, Rule::TupleEqual));
+        assert_eq!(eq("2x + z = 1", "1"), (false, Rule::KindMismatch));
+        assert_eq!(eq("1", "2x + z = 1"), (true, Rule::RationalEqual));
+        let m = "\\begmat 1 & 2 \\cr 3 & 4 \\endmat";
+        assert_eq!(eq(m, m), (true, Rule::TupleEqual));
+        assert_eq!(
+            eq(m, "\\begmat 1 & 3 \\cr 2 & 4 \\endmat"),
+            (false, Rule::TupleEqual)
+        );
+        assert_eq!(eq("1, 1, 2", "2, 1"), (true, Rule::SetEqual));
+    }
+
+    #[test]
     fn terminating_decimals() {
         let r = |n: i64, d: i64| BigRational::new(n.into(), d.into());
         assert!(terminates(&r(3, 40)));

@@ -516,6 +516,33 @@ mod tests {
     }
 
     #[test]
+    fn decimal_commas_digit_groups_and_currency() {
+        assert_eq!(n("1000,99"), "1000.99");
+        assert_eq!(n("0,111"), "0.111");
+        assert_eq!(n("1,222"), "1222");
+        assert_eq!(n("1 000"), "1000");
+        assert_eq!(n("11,\\! 111,\\! 100"), "11111100");
+        assert_eq!(n("14 {,}916"), "14916");
+        assert_eq!(n("€5"), "5");
+        assert_eq!(n("USD 1,000"), "1000");
+        assert_eq!(n("60 km/h"), "60");
+    }
+
+    #[test]
+    fn matrices_doubled_backslashes_and_glued_conjunctions() {
+        assert_eq!(
+            n("\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}"),
+            "\\begmat 1 & 2 \\cr 3 & 4 \\endmat"
+        );
+        assert_eq!(
+            n("\\left[\\begin{array}{cc}1 & 2 \\\\ 3 & 4\\end{array}\\right]"),
+            "[ \\begmat 1 & 2 \\cr 3 & 4 \\endmat ]"
+        );
+        assert_eq!(n("\\\\frac{1}{2}"), "\\frac{1}{2}");
+        assert_eq!(n("(11,7)or(7,11)"), "(11,7), (7,11)");
+    }
+
+    #[test]
     fn mixed_numbers_and_unicode() {
         assert_eq!(n("2 1/2"), "(2+1/2)");
         assert_eq!(n("2\\frac{1}{2}"), "(2+\\frac{1}{2})");
