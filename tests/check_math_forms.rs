@@ -303,3 +303,37 @@ fn dataset_oddities() {
         (r"\text{even}", "odd", Incorrect),
     ]);
 }
+
+#[test]
+fn pathological_answer_forms_return_quickly() {
+    use std::time::{Duration, Instant};
+    let opts = MathOptions {
+        budget_ms: 200,
+        ..MathOptions::default()
+    };
+    let m = r"\begin{pmatrix}1 & 1 \\ 1 & 0\end{pmatrix}";
+    let cases = [
+        ("1".to_string(), "\\boxed{".repeat(20_000)),
+        (
+            "1".to_string(),
+            format!("\\boxed{{1}} {}", "\\boxed{1".repeat(5_000)),
+        ),
+        ("1, 2".to_string(), "\\boxed{1}, ".repeat(3_000)),
+        (m.to_string(), vec![m; 60].join(" ")),
+        ("x".to_string(), vec!["x"; 400].join(" = ")),
+        ("1".to_string(), "$1$ and ".repeat(5_000)),
+        ("1".to_string(), "$$ ".repeat(10_000)),
+        ("(0,1)".to_string(), format!("0 < {} < 1", "|".repeat(500))),
+    ];
+    for (gold, pred) in &cases {
+        let start = Instant::now();
+        let out = check(gold, pred, &opts);
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(1_500),
+            "{} took {took:?}: {:?}",
+            &pred[..40.min(pred.len())],
+            out.verdict
+        );
+    }
+}

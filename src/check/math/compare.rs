@@ -23,7 +23,10 @@ const SAMPLE_POINTS: usize = 8;
 /// Values this close to zero are compared absolutely.
 const ZERO_EPS: f64 = 1e-12;
 /// Largest matrix (rows or columns) that matrix arithmetic is applied to.
-const MAX_MATRIX: usize = 16;
+const MAX_MATRIX: usize = 8;
+/// Most matrices in one expression that matrix arithmetic is applied to (products
+/// grow their entries multiplicatively).
+const MAX_MATRIX_OPERANDS: usize = 4;
 
 /// What an equivalence decision returns: equal or not, and the rule used.
 pub(crate) type Decision = Result<(bool, Rule), TimedOut>;
@@ -195,11 +198,16 @@ fn unordered(x: &[Expr], y: &[Expr], cx: &Ctx) -> Decision {
 
 /// Whether a matrix occurs in `e`, directly or in matrix arithmetic.
 fn has_matrix(e: &Expr) -> bool {
+    matrix_count(e) > 0
+}
+
+/// Matrices in `e`, directly or in matrix arithmetic.
+fn matrix_count(e: &Expr) -> usize {
     match e {
-        Expr::Matrix(_) => true,
-        Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) => has_matrix(a) || has_matrix(b),
-        Expr::Neg(a) => has_matrix(a),
-        _ => false,
+        Expr::Matrix(_) => 1,
+        Expr::Add(a, b) | Expr::Sub(a, b) | Expr::Mul(a, b) => matrix_count(a) + matrix_count(b),
+        Expr::Neg(a) => matrix_count(a),
+        _ => 0,
     }
 }
 
@@ -208,6 +216,14 @@ type Rows = Vec<Vec<Expr>>;
 /// The entries of a matrix expression: a matrix, or sums, differences,
 /// products and scalar multiples of matrices, entry by entry as expressions.
 fn matrix_of(e: &Expr) -> Option<Rows> {
+    match e {
+        Expr::Matrix(rows) => Some(rows.clone()),
+        _ if matrix_count(e) <= MAX_MATRIX_OPERANDS => matrix_arithmetic(e),
+        _ => None,
+    }
+}
+
+fn matrix_arithmetic(e: &Expr) -> Option<Rows> {
     let bx = |e: Expr| Box::new(e);
     let zip = |a: Rows, b: Rows, f: &dyn Fn(Expr, Expr) -> Expr| -> Option<Rows> {
         let same = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.len() == y.len());
@@ -227,16 +243,16 @@ fn matrix_of(e: &Expr) -> Option<Rows> {
         Expr::Matrix(rows) if rows.len() <= MAX_MATRIX && rows[0].len() <= MAX_MATRIX => {
             Some(rows.clone())
         }
-        Expr::Neg(a) => Some(map(matrix_of(a)?, &|x| Expr::Neg(bx(x)))),
-        Expr::Add(a, b) => zip(matrix_of(a)?, matrix_of(b)?, &|x, y| {
+        Expr::Neg(a) => Some(map(matrix_arithmetic(a)?, &|x| Expr::Neg(bx(x)))),
+        Expr::Add(a, b) => zip(matrix_arithmetic(a)?, matrix_arithmetic(b)?, &|x, y| {
             Expr::Add(bx(x), bx(y))
         }),
-        Expr::Sub(a, b) => zip(matrix_of(a)?, matrix_of(b)?, &|x, y| {
+        Expr::Sub(a, b) => zip(matrix_arithmetic(a)?, matrix_arithmetic(b)?, &|x, y| {
             Expr::Sub(bx(x), bx(y))
         }),
         Expr::Mul(a, b) => match (has_matrix(a), has_matrix(b)) {
             (true, true) => {
-                let (p, q) = (matrix_of(a)?, matrix_of(b)?);
+                let (p, q) = (matrix_arithmetic(a)?, matrix_arithmetic(b)?);
                 let inner = q.len();
                 if p[0].len() != inner {
                     return None;
@@ -257,12 +273,12 @@ fn matrix_of(e: &Expr) -> Option<Rows> {
                         .collect(),
                 )
             }
-            (true, false) if !is_collection(b) => {
-                Some(map(matrix_of(a)?, &|x| Expr::Mul(bx(x), bx((**b).clone()))))
-            }
-            (false, true) if !is_collection(a) => {
-                Some(map(matrix_of(b)?, &|x| Expr::Mul(bx((**a).clone()), bx(x))))
-            }
+            (true, false) if !is_collection(b) => Some(map(matrix_arithmetic(a)?, &|x| {
+                Expr::Mul(bx(x), bx((**b).clone()))
+            })),
+            (false, true) if !is_collection(a) => Some(map(matrix_arithmetic(b)?, &|x| {
+                Expr::Mul(bx((**a).clone()), bx(x))
+            })),
             _ => None,
         },
         _ => None,

@@ -62,6 +62,9 @@ pub fn extract_answer(text: &str, fallback_last_number: bool) -> Option<AnswerSp
         .or_else(|| fallback_last_number.then(|| last_number(text)).flatten())
 }
 
+/// Boxes read from the end of a text when looking for its answer.
+const MAX_BOXES: usize = 64;
+
 static HASHES: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"####[ \t]*([^\n]*)"));
 static PHRASE: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"(?i)\banswer\**[ \t]*(?:is\b\**[ \t]*:?|[:：])"));
@@ -153,19 +156,22 @@ fn last_boxed(text: &str) -> Option<(AnswerSpan, usize)> {
         .flat_map(|cmd| text.match_indices(cmd).map(|(i, m)| (i, i + m.len())))
         .collect();
     starts.sort_unstable();
-    let boxes: Vec<(usize, AnswerSpan, usize)> = starts
+    // From the last box backwards, lazily: each box costs a scan for its closing brace, so
+    // only the boxes that can belong to the answer are read (at most a bounded number).
+    let mut boxes = starts
         .iter()
-        .filter_map(|&(at, after)| boxed_content(text, after).map(|(s, end)| (at, s, end)))
-        .collect();
-    let (last_at, last, last_end) = boxes.last()?.clone();
+        .rev()
+        .take(MAX_BOXES)
+        .filter_map(|&(at, after)| boxed_content(text, after).map(|(s, end)| (at, s, end)));
+    let (last_at, last, last_end) = boxes.next()?;
     let mut group = vec![last];
     let mut first_at = last_at;
-    for (at, content, end) in boxes.iter().rev().skip(1) {
-        if *end > first_at || !joinable_gap(&text[*end..first_at]) {
+    for (at, content, end) in boxes {
+        if end > first_at || !joinable_gap(&text[end..first_at]) {
             break;
         }
-        group.push(content.clone());
-        first_at = *at;
+        group.push(content);
+        first_at = at;
     }
     // The same answer boxed twice is one answer.
     let mut seen = Vec::new();
