@@ -142,6 +142,16 @@ fn several_final_answers() {
         ("2, 3", "The answer is $2$ and $3$.", Correct),
         ("2, 3", "The answer is $2$ and $4$.", Incorrect),
         ("3", "We get $x = 2$. Then $x = 3$.", Correct),
+        (
+            r"$\{1\pm\sqrt{5},-2\}$",
+            r"\boxed{\{-2, 1-\sqrt5, 1+\sqrt 5\}}",
+            Correct,
+        ),
+        (
+            r"$\{1\pm\sqrt{5},-2\}$",
+            r"\boxed{\{-2, 1+\sqrt 5\}}",
+            Incorrect,
+        ),
         ("1, 2", r"\boxed{1}, \boxed{3}", Incorrect),
         ("1, 2", r"\boxed{1} no no no no no \boxed{2}", Incorrect),
         ("1, 2, 3", r"\boxed{1} and \boxed{2}", Incorrect),

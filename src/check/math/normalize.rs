@@ -301,10 +301,49 @@ fn list_conjunctions(s: &str) -> String {
     }
 }
 
-/// Expands one top-level `a \pm b` into the list `a+b, a-b` (the two solutions it stands for).
-/// A `\pm` nested in braces or brackets (`\frac{1 \pm \sqrt{5}}{2}`) or next to a comma is
-/// left alone: splitting there would not give the two values.
+/// Expands `a \pm b` into the list `a+b, a-b` (the two solutions it stands for), in a lone
+/// answer or in each element of a list or set (`\{1\pm\sqrt{5},-2\}`). Tuples are left alone.
 fn expand_plus_minus(s: &str) -> String {
+    if !s.contains("\\pm") {
+        return s.to_string();
+    }
+    let t = s.trim();
+    let (open, inner, close) = match t.strip_prefix("\\{").and_then(|r| r.strip_suffix("\\}")) {
+        Some(inner) => ("\\{", inner, "\\}"),
+        None => ("", t, ""),
+    };
+    let items = split_top_level(inner);
+    if items.len() == 1 && open.is_empty() {
+        return expand_one(s);
+    }
+    let expanded: Vec<String> = items.iter().map(|item| expand_one(item)).collect();
+    format!("{open}{}{close}", expanded.join(", "))
+}
+
+/// `s` split at commas outside brackets and braces.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '{' | '(' | '[' => depth += 1,
+            '}' | ')' | ']' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&s[start..]);
+    items
+}
+
+/// Expands one top-level `a \pm b`. A `\pm` nested in braces or brackets
+/// (`\frac{1 \pm \sqrt{5}}{2}`) or next to a comma is left alone: splitting there would not
+/// give the two values.
+fn expand_one(s: &str) -> String {
     let Some(pos) = s.find("\\pm") else {
         return s.to_string();
     };
