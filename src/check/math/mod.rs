@@ -299,7 +299,7 @@ pub fn check_until(gold: &str, pred: &str, opts: &MathOptions, deadline: Instant
     if deadline.check().is_err() {
         return MathCheck::bare(Verdict::Timeout, Rule::Deadline);
     }
-    let Some(gold_span) = gold_answer(gold) else {
+    let Some(gold_span) = gold_answer(gold, &deadline) else {
         return MathCheck::bare(Verdict::UnparseableGold, Rule::NoAnswer);
     };
     let gold_norm = normalize(&gold_span.text);
@@ -342,8 +342,9 @@ pub fn check_batch(rows: &[(String, String)], opts: &MathOptions) -> Vec<MathChe
 
 /// Picks the answer out of the gold: bare answers are used whole, solutions
 /// (GSM8K `####`, MATH `\boxed{}`, or long multi-line text) go through
-/// extraction without the last-number guess.
-fn gold_answer(gold: &str) -> Option<AnswerSpan> {
+/// extraction without the last-number guess, and a sentence around math that
+/// does not parse whole gives its answer marker or last math span.
+fn gold_answer(gold: &str, deadline: &Deadline) -> Option<AnswerSpan> {
     let trimmed = gold.trim();
     if trimmed.is_empty() {
         return None;
@@ -351,6 +352,21 @@ fn gold_answer(gold: &str) -> Option<AnswerSpan> {
     if looks_like_solution(trimmed) {
         if let Some(span) = extract_answer(gold, false) {
             return Some(span);
+        }
+    }
+    if ["$", "\\(", "\\["].iter().any(|d| trimmed.contains(d)) {
+        // A sentence around math ("Therefore $x \ge 5$ is the solution.") states the math.
+        let whole = parse::parse_with(&normalize(trimmed).text, deadline);
+        if !whole.is_ok_and(|e| !matches!(e, Expr::Text(_))) {
+            let kind = GoldKind {
+                text: false,
+                number: false,
+            };
+            let found =
+                extract_answer(gold, false).or_else(|| last_math_span(gold, kind, deadline));
+            if found.is_some() {
+                return found;
+            }
         }
     }
     let start = gold.len() - gold.trim_start().len();
