@@ -72,7 +72,9 @@ static BOLD: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\*\*([^*\n]{1,8
 static ANSWER_LINE: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"(?m)^[ \t]*A[ \t]*:[ \t]*([^\n]+)"));
 static NUMBER: LazyLock<Regex> = LazyLock::new(|| {
-    regex_or_never(r"-?(?:\d{1,3}(?:,\d{3})+|\d+,\d{2}\b|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+    regex_or_never(
+        r"-?(?:\d{1,3}(?:,\d{3})+|\d{1,3}(?:[ \u{a0}\u{2009}\u{202f}]\d{3})+\b|\d+,\d{2}\b|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+",
+    )
 });
 static LINKING: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"(?i)\s(?:is|are|was|equals|be|of)\s|=|\\approx"));
