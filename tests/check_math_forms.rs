@@ -281,6 +281,18 @@ fn answers_in_long_completions() {
         ("255", &restated, Incorrect),
         ("x > 5", &relation, Incorrect),
         ("[-2, 7]", &last_line, Correct),
+        ("5", r"\boxed{\text{The answer is } 5}", Correct),
+        ("6", r"\boxed{\text{The answer is } 5}", Incorrect),
+        (
+            r"\frac{1}{2}",
+            r"\boxed{\frac{1}{2} \text{ or } 0.5}",
+            Correct,
+        ),
+        (
+            r"\frac{1}{3}",
+            r"\boxed{\frac{1}{2} \text{ or } 0.5}",
+            Incorrect,
+        ),
         ("[-2, 6]", &last_line, Incorrect),
         (r"\frac{1}{2}", &restated_box, Correct),
         (r"\frac{1}{3}", &restated_box, Incorrect),

@@ -107,6 +107,18 @@ pub(crate) fn equivalent(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
 }
 
 fn collection_pair(a: &Expr, b: &Expr, cx: &Ctx) -> Decision {
+    // One value written several ways (`\frac{1}{2} \text{ or } 0.5`) states that value.
+    if let (false, Expr::List(items)) = (is_collection(a), b) {
+        if let Some(first) = items.first() {
+            let mut same = items.len() > 1;
+            for other in &items[1..] {
+                same = same && !is_collection(other) && equivalent(first, other, cx)?.0;
+            }
+            if same {
+                return equivalent(a, first, cx);
+            }
+        }
+    }
     match (a, b) {
         (Expr::Set(x), Expr::Set(y) | Expr::List(y))
         | (Expr::List(x), Expr::Set(y) | Expr::List(y)) => unordered(x, y, cx),

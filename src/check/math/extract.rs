@@ -359,7 +359,7 @@ fn phrase_answer(text: &str, from: usize) -> Option<(usize, usize)> {
 /// An answer phrase followed by a sentence ("The largest $n$ is 34") states
 /// its answer after the last linking word (`is`, `=`, …); without one, the
 /// last number in the sentence is the answer ("Sphere 3 hours ago").
-fn narrow_prose(text: &str, start: usize, end: usize) -> (usize, usize) {
+pub(crate) fn narrow_prose(text: &str, start: usize, end: usize) -> (usize, usize) {
     let slice = &text[start..end];
     let outside_math: String = {
         let mut kept = slice.to_string();
@@ -379,9 +379,7 @@ fn narrow_prose(text: &str, start: usize, end: usize) -> (usize, usize) {
     }
     let link = LINKING.find_iter(&outside_math).last().map(|m| m.end());
     if let Some(after) = link {
-        let rest = &slice[after..];
-        let skipped = rest.len() - rest.trim_start().len();
-        let inner_start = start + after + skipped;
+        let (inner_start, _) = skip_markup(text, start + after, end);
         if inner_start < end {
             let (s, e) = math_delimited(text, inner_start, end).unwrap_or((inner_start, end));
             let tail = &outside_math[after..];

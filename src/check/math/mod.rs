@@ -399,7 +399,7 @@ fn pred_answer(
     if let Some(found) =
         extract_answer(pred, false).or_else(|| bare_answer(pred, gold.text, deadline))
     {
-        return Some(found);
+        return Some(narrow_boxed_prose(pred, found, gold, deadline));
     }
     let span = last_math_span(pred, gold, deadline);
     let number = fallback.then(|| extract_answer(pred, true)).flatten();
@@ -408,6 +408,35 @@ fn pred_answer(
         (Some(s), Some(n)) => Some(if n.end > s.end { n } else { s }),
         (None, None) => last_line_answer(pred, gold, deadline),
         (s, n) => s.or(n),
+    }
+}
+
+/// A marked answer written as a sentence (`\boxed{\text{The answer is } 5}`)
+/// against a gold that is not text: the value the sentence states.
+fn narrow_boxed_prose(
+    pred: &str,
+    found: AnswerSpan,
+    gold: GoldKind,
+    deadline: &Deadline,
+) -> AnswerSpan {
+    let parsed = |s: &str| parse::parse_with(&normalize(s).text, deadline);
+    let is_text = |s: &str| matches!(parsed(s), Ok(Expr::Text(_)));
+    let is_slice = pred.get(found.start..found.end) == Some(found.text.as_str());
+    if gold.text || !is_slice || !is_text(&found.text) {
+        return found;
+    }
+    let (start, end) = extract::narrow_prose(pred, found.start, found.end);
+    let text = pred[start..end].trim();
+    let reads_as_math = parsed(text).is_ok_and(|e| !matches!(e, Expr::Text(_)));
+    if (start, end) == (found.start, found.end) || !reads_as_math {
+        return found;
+    }
+    let lead = pred[start..end].len() - pred[start..end].trim_start().len();
+    AnswerSpan {
+        text: text.to_string(),
+        start: start + lead,
+        end: start + lead + text.len(),
+        method: found.method,
     }
 }
 
