@@ -33,6 +33,7 @@ pub fn normalize(raw: &str) -> Normalized {
     s = SIZING.replace_all(&s, "").into_owned();
     s = join_thin_thousands(&s);
     s = SPACING.replace_all(&s, " ").into_owned();
+    s = SINGLE_BRACE.replace_all(&s, "$1$2").into_owned();
     s = FRAC_VARIANT.replace_all(&s, "\\frac$1").into_owned();
     s = BINOM_VARIANT.replace_all(&s, "\\binom$1").into_owned();
     s = DEGREES.replace_all(&s, "").into_owned();
@@ -55,6 +56,8 @@ static SIZING: LazyLock<Regex> = LazyLock::new(|| {
     regex_or_never(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle|textstyle)(?:\.|\b)")
 });
 static SPACING: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[,;:! ]|\\q?quad|~|\\\\"));
+static SINGLE_BRACE: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"([_^])\{\s*([A-Za-z0-9])\s*\}"));
 static FRAC_VARIANT: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"\\[dtc]frac([^A-Za-z]|$)"));
 static BINOM_VARIANT: LazyLock<Regex> =

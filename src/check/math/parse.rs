@@ -650,6 +650,11 @@ impl Parser<'_> {
 
     fn atom(&mut self) -> PResult {
         match self.next()? {
+            Tok::Num(text) if self.peek() == Some(&Tok::Op('_')) => {
+                self.pos += 1;
+                let base = self.nested(Self::argument)?;
+                based_numeral(&text, &base)
+            }
             Tok::Num(text) => literal(&text),
             Tok::Letter(c) => self.variable(c.to_string()),
             Tok::Cmd(name) => self.command_atom(&name),
@@ -1013,6 +1018,27 @@ fn integer(n: i64) -> Expr {
         value: BigRational::from_integer(BigInt::from(n)),
         places: 0,
     }
+}
+
+/// A numeral in another base, `204_5` (= 54): the digits must be valid in the
+/// base, an integer from 2 to 10.
+fn based_numeral(digits: &str, base: &Expr) -> PResult {
+    let bad = || ParseError::Unexpected(format!("{digits}_{base}"));
+    let Expr::Num { value, places: 0 } = base else {
+        return Err(bad());
+    };
+    let base = num_traits::ToPrimitive::to_u32(value.numer())
+        .filter(|b| value.is_integer() && (2..=10).contains(b))
+        .ok_or_else(bad)?;
+    let mut acc = BigInt::zero();
+    for c in digits.chars() {
+        let d = c.to_digit(base).ok_or_else(bad)?;
+        acc = acc * base + d;
+    }
+    Ok(Expr::Num {
+        value: BigRational::from_integer(acc),
+        places: 0,
+    })
 }
 
 /// Parses `12`, `0.75`, `.5`, `1.5e3` exactly.
