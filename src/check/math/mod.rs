@@ -80,7 +80,8 @@
 //!   words around a number are dropped. A lone number with a decimal comma (`1000,99`, `0,111`,
 //!   `2,74`) is read as a decimal. **Ambiguous `1,222`** (a comma followed by exactly three
 //!   digits) is a thousands separator, i.e. `1222`, unless the integer part is `0`; `1,2` stays
-//!   the list `1, 2` unless the gold is a decimal number such as `1.2`.
+//!   the list `1, 2` unless the gold is a decimal number such as `1.2`. A numeral with a base
+//!   subscript from 2 to 10 (`204_5`) is read in that base.
 //! * **Long completions**: after the answer markers, the last math span (joined as above) or,
 //!   for numeric golds, whichever of it and the last number comes later; then the statement of
 //!   the last line. An answer phrase followed by prose ("The largest $n$ is 34") is narrowed to
