@@ -24,7 +24,11 @@ ROOT = HERE.parent
 SOURCES = [
     ("gsm8k", ROOT / "tests" / "fixtures" / "gsm8k_answer_pairs.jsonl"),
     ("math", HERE / "data" / "math_pairs.jsonl"),
+    ("forms", HERE / "data" / "math_forms.jsonl"),
 ]
+# Math-Verify's own test cases (tests/fixtures/math_conformance_port.py): agreement with their
+# expected verdicts, distill with default options vs math-verify's default verify(parse, parse).
+CONFORMANCE = ROOT / "tests" / "fixtures" / "math_conformance.jsonl"
 
 
 def load_labelled():
@@ -36,7 +40,8 @@ def load_labelled():
                     r = json.loads(line)
                     rows.append(
                         {"id": r["id"], "source": source, "gold": r["gold"],
-                         "pred": r["pred"], "equal": bool(r["equal"])}
+                         "pred": r["pred"], "equal": bool(r["equal"]),
+                         "category": r.get("category", source)}
                     )
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
@@ -146,11 +151,20 @@ def main():
     def wrong(pred):
         return [labelled[i]["id"] for i in range(n) if pred[i] != truth[i]]
 
+    # ---- conformance with Math-Verify's test suite -----------------------------------------
+    conf = [json.loads(line) for line in open(CONFORMANCE, encoding="utf-8") if line.strip()]
+    conf_rows = [{"id": f"c{i}", "gold": c["gold"], "pred": c["pred"]} for i, c in enumerate(conf)]
+    write_jsonl(work / "conf.jsonl", conf_rows)
+    _, d_conf = run_distill(bin_, work / "conf.jsonl", work / "conf.out.jsonl")
+    conf_d = [(v["verdict"] == "correct") == c["expected"] for v, c in zip(d_conf, conf)]
+    conf_mv = [mv_check(c["gold"], c["pred"])[0] == c["expected"] for c in conf]
+
     agree = sum(a == b for a, b in zip(d_ok, mv_ok))
     n_g = sum(r["source"] == "gsm8k" for r in labelled)
     print()
     print(f"math checker: distill vs math-verify {version('math-verify')}")
-    print(f"  labelled rows: {n} unique ({n_g} GSM8K completions + {n - n_g} MATH-style pairs), "
+    print(f"  labelled rows: {n} unique ({n_g} GSM8K completions + {n - n_g} MATH-style pairs "
+          f"and answer forms), "
           f"{sum(truth)} equal / {n - sum(truth)} not equal")
     print(f"  timing set: {len(timing)} rows ({copies} copies); math-verify timed on "
           f"{len(mv_timing)} rows ({mv_copies} copies), single process; "
@@ -163,6 +177,25 @@ def main():
     print(f"  {'accuracy, all labelled':{w}} {acc(d_ok):>16} {acc(mv_ok):>16}")
     print(f"  {'accuracy, GSM8K completions':{w}} {acc(d_ok, 'gsm8k'):>16} {acc(mv_ok, 'gsm8k'):>16}")
     print(f"  {'accuracy, MATH-style pairs':{w}} {acc(d_ok, 'math'):>16} {acc(mv_ok, 'math'):>16}")
+    print(f"  {'accuracy, answer forms':{w}} {acc(d_ok, 'forms'):>16} {acc(mv_ok, 'forms'):>16}")
+    cats = sorted({r["category"] for r in labelled if r["source"] == "forms"})
+    cat_ok = True
+    for cat in cats:
+        idx = [i for i in range(n) if labelled[i]["source"] == "forms" and labelled[i]["category"] == cat]
+        dg = sum(d_ok[i] == truth[i] for i in idx)
+        mg = sum(mv_ok[i] == truth[i] for i in idx)
+        cat_ok &= dg >= mg
+        print(f"  {'  forms: ' + cat:{w}} {f'{dg}/{len(idx)}':>16} {f'{mg}/{len(idx)}':>16}")
+    nc = len(conf)
+
+    def conf_acc(flags, subset=None):
+        idx = [i for i in range(nc) if subset is None or conf[i]["source"].startswith(subset + "::")]
+        good = sum(flags[i] for i in idx)
+        return f"{good}/{len(idx)} ({100 * good / len(idx):.1f}%)"
+
+    print(f"  {'Math-Verify test suite agreement':{w}} {conf_acc(conf_d):>16} {conf_acc(conf_mv):>16}")
+    for f in sorted({c["source"].split("::")[0] for c in conf}):
+        print(f"  {'  ' + f:{w}} {conf_acc(conf_d, f):>16} {conf_acc(conf_mv, f):>16}")
     print(f"  {'agreement (same verdict)':{w}} {f'{agree}/{n} ({100 * agree / n:.1f}%)':>16}")
     print()
     print(f"  math-verify with the gold passed bare (no $...$): accuracy {acc(mv_raw_ok)}; "
@@ -181,8 +214,14 @@ def main():
     speed_ok = d_rate >= 100 * mv_rate
     acc_ok = sum(a == t for a, t in zip(d_ok, truth)) > sum(a == t for a, t in zip(mv_ok, truth))
     print()
+    forms_idx = [i for i in range(n) if labelled[i]["source"] == "forms"]
+    forms_ok = sum(d_ok[i] == truth[i] for i in forms_idx) >= 0.98 * len(forms_idx)
+    conf_ok = sum(conf_d) >= 0.98 * nc
     print(f"  goal distill >= 100x math-verify rows/s: {'met' if speed_ok else 'NOT met'}; "
           f"goal higher accuracy: {'met' if acc_ok else 'NOT met'}")
+    print(f"  goal >= 98% on the Math-Verify suite: {'met' if conf_ok else 'NOT met'}; "
+          f">= 98% on the answer forms: {'met' if forms_ok else 'NOT met'}; "
+          f">= math-verify on every form: {'met' if cat_ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@
 #   REPEATS          distill timing runs, median reported (default: 3)
 #
 # Labelled rows: tests/fixtures/gsm8k_answer_pairs.jsonl (GSM8K golds vs whole completions)
-# plus benches/data/math_pairs.jsonl (MATH-style answers). Accuracy is computed on those unique
-# rows; speed on the labelled rows repeated up to TIMING_ROWS.
+# plus benches/data/math_pairs.jsonl (MATH-style answers) and benches/data/math_forms.jsonl (answer
+# forms of reasoning models: relations, matrices, several boxes, labelled answers, equations,
+# number formats, long completions, dataset oddities; accuracy printed per form). Accuracy is
+# computed on those unique rows; speed on the labelled rows repeated up to TIMING_ROWS. Agreement
+# with Math-Verify's own test suite (tests/fixtures/math_conformance.jsonl) is printed too.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/venv.sh"

@@ -11,9 +11,10 @@
 //!
 //! 1. **Extraction** ([`extract_answer`]): find the final answer inside a
 //!    completion (last `\boxed{}`/`\fbox{}`, GSM8K `#### N`, "The answer is
-//!    …", "Final Answer: …", bold answers near the end, `A: …` lines, and
-//!    optionally the last number in the text). The gold is extracted the same
-//!    way when it looks like a whole solution rather than a bare answer.
+//!    …", "Final Answer: …", bold answers near the end, `A: …` lines; then
+//!    the last math span, the last line, and optionally the last number in the
+//!    text). The gold is extracted the same way when it looks like a whole
+//!    solution rather than a bare answer.
 //! 2. **Normalisation and parsing** ([`normalize`], [`parse`]): strip LaTeX
 //!    presentation (`\left`, `\text{}`, `$`, units, `%`, degrees, thousands
 //!    separators, …) and parse into an [`Expr`] tree.
@@ -46,6 +47,48 @@
 //! * **Percent**: `%` is stripped, so `10\%` equals `10`; when exactly one side
 //!   carried a percent sign its value divided by 100 is also accepted
 //!   (`10\%` equals `0.1`).
+//!
+//! # Answer forms
+//!
+//! * **Relations**: `<`, `>`, `\le`, `\ge`, `\lt`, `\gt`, `\ne`, `<=`, `>=`, `!=` and their
+//!   unicode forms. Two relations are equal when their operator agrees (after writing `<` as
+//!   `>` with sides swapped) and `lhs - rhs` of one is a constant multiple of the other's at
+//!   every sample point (positive for inequalities), so `-x > -1` equals `x < 1`, and lines,
+//!   planes and conics equal any rearrangement or nonzero multiple (`2x+4y-3=0` and
+//!   `y=-\frac{1}{2}x+\frac{3}{4}`). A chain `a < x \le b` around a label is the interval
+//!   `(a, b]`, around `|x|` the union of its two mirrored intervals; a relation in one label
+//!   against an interval or union is compared as the set it states, whichever side it is on.
+//! * **Matrices**: `pmatrix`, `bmatrix`, `vmatrix`, `matrix` and `array` (also inside
+//!   `\left[ … \right]`) are equal when they have the same shape and equal entries; sums,
+//!   products and scalar multiples of written matrices are evaluated entry by entry, and a
+//!   single row or column equals the tuple of its entries.
+//! * **Several answers**: boxes written together (`\boxed{1}, \boxed{2}`, `\boxed{a} \quad
+//!   \text{and} \quad \boxed{b}`, or a short phrase with "and"/"or" between them) are one
+//!   answer, a list compared as an unordered collection with the gold's list, set or boxes; a box
+//!   that a later sentence revises ("… \boxed{3}. After checking, … \boxed{5}") is not joined.
+//!   Math spans joined the same way (`$x = 2$ and $x = 3$`) are one answer too. Collections
+//!   compare as sets: a repeated element counts once.
+//! * **Labelled answers**: an equation whose one side is a label (`x`, `AB`, `|AB|`, `f(x)`,
+//!   `\frac{NO}{BO}`, `V_1 : V_2`, `(p, q)`) states its other side, so `(p,q)=(3,2)` equals
+//!   `(3,2)` and `AB=4,CD=5` equals `4, 5`; `;` separates solutions (`p=5,q=2;p=7,q=2` is
+//!   `(5,2),(7,2)`). A chained `x = 5+5+1 = 7 = 11` states its last value for its last label;
+//!   `\approx` and what follows an exact value are dropped. The gold guides the reading, as in
+//!   math-verify: a predicted equation ends in its value (`2x + z = 1` answers `1`), while a gold
+//!   equation in unknowns (`2x + z = 1`) does not accept a bare `1`. `a : b` is the ratio `a/b`.
+//! * **Number formats**: digit groups separated by `,`, `{,}`, `\,`, `\!`, `\ `, thin or plain
+//!   spaces (`11,\! 111,\! 100`, `1 000`) are one number; currency signs and codes and unit
+//!   words around a number are dropped. A lone number with a decimal comma (`1000,99`, `0,111`,
+//!   `2,74`) is read as a decimal. **Ambiguous `1,222`** (a comma followed by exactly three
+//!   digits) is a thousands separator, i.e. `1222`, unless the integer part is `0`; `1,2` stays
+//!   the list `1, 2` unless the gold is a decimal number such as `1.2`. A numeral with a base
+//!   subscript from 2 to 10 (`204_5`) is read in that base.
+//! * **Long completions**: after the answer markers, the last math span (joined as above) or,
+//!   for numeric golds, whichever of it and the last number comes later; then the statement of
+//!   the last line. An answer phrase followed by prose ("The largest $n$ is 34") is narrowed to
+//!   what follows its last linking word. A number inside a word (`AZYUK2A`) is never an answer.
+//! * **Dataset oddities**: LaTeX stored with doubled backslashes (`\\frac`, `\\left(`) is read
+//!   as LaTeX; two answers whose normal forms are the same text are equal even when neither
+//!   parses (`12:00`).
 //!
 //! # Deadlines
 //!
@@ -257,7 +300,7 @@ pub fn check_until(gold: &str, pred: &str, opts: &MathOptions, deadline: Instant
     if deadline.check().is_err() {
         return MathCheck::bare(Verdict::Timeout, Rule::Deadline);
     }
-    let Some(gold_span) = gold_answer(gold) else {
+    let Some(gold_span) = gold_answer(gold, &deadline) else {
         return MathCheck::bare(Verdict::UnparseableGold, Rule::NoAnswer);
     };
     let gold_norm = normalize(&gold_span.text);
@@ -271,7 +314,12 @@ pub fn check_until(gold: &str, pred: &str, opts: &MathOptions, deadline: Instant
     out.gold_normal = Some(gold_norm.text.clone());
     out.gold_span = Some(gold_span);
     let gold_is_text = matches!(gold_expr, Ok(Expr::Text(_)));
-    let Some(pred_span) = pred_answer(pred, fallback, gold_is_text, &deadline) else {
+    let gold_is_number = gold_expr.as_ref().is_ok_and(Expr::is_plain_number);
+    let kind = GoldKind {
+        text: gold_is_text,
+        number: gold_is_number,
+    };
+    let Some(pred_span) = pred_answer(pred, fallback, kind, &deadline) else {
         out.verdict = Verdict::UnparseablePred;
         return out;
     };
@@ -295,8 +343,9 @@ pub fn check_batch(rows: &[(String, String)], opts: &MathOptions) -> Vec<MathChe
 
 /// Picks the answer out of the gold: bare answers are used whole, solutions
 /// (GSM8K `####`, MATH `\boxed{}`, or long multi-line text) go through
-/// extraction without the last-number guess.
-fn gold_answer(gold: &str) -> Option<AnswerSpan> {
+/// extraction without the last-number guess, and a sentence around math that
+/// does not parse whole gives its answer marker or last math span.
+fn gold_answer(gold: &str, deadline: &Deadline) -> Option<AnswerSpan> {
     let trimmed = gold.trim();
     if trimmed.is_empty() {
         return None;
@@ -304,6 +353,21 @@ fn gold_answer(gold: &str) -> Option<AnswerSpan> {
     if looks_like_solution(trimmed) {
         if let Some(span) = extract_answer(gold, false) {
             return Some(span);
+        }
+    }
+    if ["$", "\\(", "\\["].iter().any(|d| trimmed.contains(d)) {
+        // A sentence around math ("Therefore $x \ge 5$ is the solution.") states the math.
+        let whole = parse::parse_with(&normalize(trimmed).text, deadline);
+        if !whole.is_ok_and(|e| !matches!(e, Expr::Text(_))) {
+            let kind = GoldKind {
+                text: false,
+                number: false,
+            };
+            let found =
+                extract_answer(gold, false).or_else(|| last_math_span(gold, kind, deadline));
+            if found.is_some() {
+                return found;
+            }
         }
     }
     let start = gold.len() - gold.trim_start().len();
@@ -315,30 +379,134 @@ fn gold_answer(gold: &str) -> Option<AnswerSpan> {
     })
 }
 
+/// What the gold is, as far as reading the prediction depends on it.
+#[derive(Debug, Clone, Copy)]
+struct GoldKind {
+    /// The gold is plain text.
+    text: bool,
+    /// The gold is a plain number.
+    number: bool,
+}
+
 /// Picks the answer out of the prediction: an explicit marker first, then
-/// the whole prediction when it is a short bare answer, then (if allowed) the
-/// last number.
+/// the whole prediction when it is a short bare answer, then the last math
+/// span, then (if allowed) the last number.
 fn pred_answer(
     pred: &str,
     fallback: bool,
-    gold_is_text: bool,
+    gold: GoldKind,
     deadline: &Deadline,
 ) -> Option<AnswerSpan> {
-    extract_answer(pred, false)
-        .or_else(|| bare_answer(pred, gold_is_text, deadline))
-        .or_else(|| fallback.then(|| extract_answer(pred, true)).flatten())
+    if let Some(found) =
+        extract_answer(pred, false).or_else(|| bare_answer(pred, gold.text, deadline))
+    {
+        return Some(narrow_boxed_prose(pred, found, gold, deadline));
+    }
+    let span = last_math_span(pred, gold, deadline);
+    let number = fallback.then(|| extract_answer(pred, true)).flatten();
+    match (span, number) {
+        // Whichever comes last is the conclusion; a number inside the span is part of it.
+        (Some(s), Some(n)) => Some(if n.end > s.end { n } else { s }),
+        (None, None) => last_line_answer(pred, gold, deadline),
+        (s, n) => s.or(n),
+    }
+}
+
+/// A marked answer written as a sentence (`\boxed{\text{The answer is } 5}`)
+/// against a gold that is not text: the value the sentence states.
+fn narrow_boxed_prose(
+    pred: &str,
+    found: AnswerSpan,
+    gold: GoldKind,
+    deadline: &Deadline,
+) -> AnswerSpan {
+    let parsed = |s: &str| parse::parse_with(&normalize(s).text, deadline);
+    let is_text = |s: &str| matches!(parsed(s), Ok(Expr::Text(_)));
+    let is_slice = pred.get(found.start..found.end) == Some(found.text.as_str());
+    if gold.text || !is_slice || !is_text(&found.text) {
+        return found;
+    }
+    let (start, end) = extract::narrow_prose(pred, found.start, found.end);
+    let text = pred[start..end].trim();
+    let reads_as_math = parsed(text).is_ok_and(|e| !matches!(e, Expr::Text(_)));
+    if (start, end) == (found.start, found.end) || !reads_as_math {
+        return found;
+    }
+    let lead = pred[start..end].len() - pred[start..end].trim_start().len();
+    AnswerSpan {
+        text: text.to_string(),
+        start: start + lead,
+        end: start + lead + text.len(),
+        method: found.method,
+    }
+}
+
+/// The statement of the last line, when it reads as math.
+fn last_line_answer(pred: &str, gold: GoldKind, deadline: &Deadline) -> Option<AnswerSpan> {
+    let found = extract::last_line(pred)?;
+    let parsed = parse::parse_with(&normalize(&found.text).text, deadline).ok()?;
+    (!matches!(parsed, Expr::Text(_)) || gold.text).then_some(found)
+}
+
+/// The last math span of a completion without an answer marker, when it
+/// reads as math rather than prose. Single-dollar spans double as currency
+/// signs in word problems (`$5 and $7`), so against a plain-number gold they
+/// count only when they hold LaTeX commands; the last-number guess covers
+/// the rest.
+fn last_math_span(pred: &str, gold: GoldKind, deadline: &Deadline) -> Option<AnswerSpan> {
+    let spans: Vec<(usize, usize, bool)> = extract::math_spans(pred)
+        .into_iter()
+        .filter(|&(s, e, _)| !pred[s..e].trim().is_empty())
+        .collect();
+    let &(mut start, end, single) = spans.last()?;
+    // `$x = 2$ and $x = 3$`: spans joined by "and", "or" or commas are one answer.
+    for &(s, e, _) in spans.iter().rev().skip(1) {
+        if e > start || !extract::joinable_gap(&pred[e..start]) {
+            break;
+        }
+        start = s;
+    }
+    let inner = &pred[start..end];
+    if single && gold.number && !inner.contains('\\') {
+        return None;
+    }
+    let parsed = parse::parse_with(&normalize(inner).text, deadline).ok()?;
+    if matches!(parsed, Expr::Text(_)) && !gold.text {
+        return None;
+    }
+    let lead = inner.len() - inner.trim_start().len();
+    let text = inner.trim();
+    Some(AnswerSpan {
+        text: text.to_string(),
+        start: start + lead,
+        end: start + lead + text.len(),
+        method: ExtractMethod::MathSpan,
+    })
 }
 
 /// The whole prediction, when it is one short line that parses as math
-/// (or as text, when the gold is text too) rather than prose.
+/// (or as text, when the gold is text too) rather than prose, or that is
+/// wholly one math span (`$…$`).
 fn bare_answer(pred: &str, gold_is_text: bool, deadline: &Deadline) -> Option<AnswerSpan> {
     let trimmed = pred.trim();
     if trimmed.is_empty() || trimmed.contains('\n') || trimmed.len() > 200 {
         return None;
     }
-    let parsed = parse::parse_with(&normalize(trimmed).text, deadline).ok()?;
-    if matches!(parsed, Expr::Text(_)) && !gold_is_text {
-        return None;
+    let whole_span = extract::math_spans(trimmed)
+        .first()
+        .is_some_and(|&(s, e, _)| {
+            trimmed[..s]
+                .trim_start_matches(['$', '\\', '(', '['])
+                .is_empty()
+                && trimmed[e..]
+                    .trim_end_matches(['$', '\\', ')', ']', '.'])
+                    .is_empty()
+        });
+    if !whole_span {
+        let parsed = parse::parse_with(&normalize(trimmed).text, deadline).ok()?;
+        if matches!(parsed, Expr::Text(_)) && !gold_is_text {
+            return None;
+        }
     }
     let start = pred.len() - pred.trim_start().len();
     Some(AnswerSpan {
@@ -376,7 +544,8 @@ fn decide(
         Err(ParseError::TimedOut) => return (Verdict::Timeout, Rule::Deadline),
         Err(_) => return (Verdict::UnparseableGold, Rule::ParseFailure),
     };
-    let pred_expr = match parse::parse_with(&pred.text, deadline) {
+    let pred_text = decimal_comma_for(&gold_expr, &pred.text);
+    let pred_expr = match parse::parse_with(&pred_text, deadline) {
         Ok(expr) => expr,
         Err(ParseError::TimedOut) => return (Verdict::Timeout, Rule::Deadline),
         Err(_) => return (Verdict::UnparseablePred, Rule::ParseFailure),
@@ -386,6 +555,29 @@ fn decide(
         Ok((true, rule)) => (Verdict::Correct, rule),
         Ok((false, rule)) => (Verdict::Incorrect, rule),
         Err(TimedOut) => (Verdict::Timeout, Rule::Deadline),
+    }
+}
+
+/// Against a gold written with a decimal point (`2.5`), a prediction `2,5`
+/// is the same number with a decimal comma rather than a list of two.
+fn decimal_comma_for(gold: &Expr, pred: &str) -> String {
+    let decimal_gold = match gold {
+        Expr::Num { places, .. } => *places > 0,
+        Expr::Neg(inner) => matches!(**inner, Expr::Num { places, .. } if places > 0),
+        _ => false,
+    };
+    let t = pred.trim();
+    let digits = t.strip_prefix('-').unwrap_or(t);
+    let comma_number = digits.split_once(',').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    });
+    if decimal_gold && comma_number {
+        t.replacen(',', ".", 1)
+    } else {
+        pred.to_string()
     }
 }
 

@@ -24,15 +24,18 @@ pub struct Normalized {
 /// Normalises one extracted answer (not a whole completion).
 pub fn normalize(raw: &str) -> Normalized {
     let mut s = raw.trim().to_string();
+    s = undouble_backslashes(&s);
     s = replace_symbols(&s);
     s = repeating_decimals(&s);
     s = unwrap_commands(&s);
+    s = matrices(&s);
     s = strip_delimiters(&s);
     s = SIZING.replace_all(&s, "").into_owned();
     s = join_thin_thousands(&s);
     s = SPACING.replace_all(&s, " ").into_owned();
-    s = FRAC_VARIANT.replace_all(&s, "\\frac").into_owned();
-    s = BINOM_VARIANT.replace_all(&s, "\\binom").into_owned();
+    s = SINGLE_BRACE.replace_all(&s, "$1$2").into_owned();
+    s = FRAC_VARIANT.replace_all(&s, "\\frac$1").into_owned();
+    s = BINOM_VARIANT.replace_all(&s, "\\binom$1").into_owned();
     s = DEGREES.replace_all(&s, "").into_owned();
     let percent = s.contains('%') || PERCENT_WORD.is_match(&s);
     s = s.replace("\\%", "").replace('%', "");
@@ -41,6 +44,7 @@ pub fn normalize(raw: &str) -> Normalized {
     s = list_conjunctions(&s);
     s = expand_plus_minus(&s);
     s = strip_units(&s);
+    s = decimal_comma(&s);
     s = join_thousands(&s);
     s = mixed_numbers(&s);
     s = trim_punctuation(&s);
@@ -51,14 +55,19 @@ pub fn normalize(raw: &str) -> Normalized {
 static SIZING: LazyLock<Regex> = LazyLock::new(|| {
     regex_or_never(r"\\(?:left|right|[bB]igg?[lr]?|displaystyle|textstyle)(?:\.|\b)")
 });
-static SPACING: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[,;:! ]|\\q?quad\b|~|\\\\"));
-static FRAC_VARIANT: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[dtc]frac\b"));
-static BINOM_VARIANT: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[dt]binom\b"));
+static SPACING: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\\[,;:! ]|\\q?quad|~|\\\\"));
+static SINGLE_BRACE: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"([_^])\{\s*([A-Za-z0-9])\s*\}"));
+static FRAC_VARIANT: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"\\[dtc]frac([^A-Za-z]|$)"));
+static BINOM_VARIANT: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"\\[dt]binom([^A-Za-z]|$)"));
 static DEGREES: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"\^\s*\{?\s*\\circ\s*\}?|\\circ\b|\\degree\b|°|\bdegrees?\b"));
 static PERCENT_WORD: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"(?i)\s*\bpercent\b"));
-static MEMBERSHIP: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"^[A-Za-z]\s*\\in\b\s*"));
-static CONJUNCTION: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\s*,?\s+(?:or|and)\s+"));
+static MEMBERSHIP: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"^\s*[A-Za-z]\s*\\in\b\s*"));
+static CONJUNCTION: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"\s*,?\s+(?:or|and)\s+|([)\]\d])\s*(?:or|and)\s*([(\[A-Z])"));
 static WHITESPACE: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"\s+"));
 static UNIT: LazyLock<Regex> = LazyLock::new(|| {
     regex_or_never(concat!(
@@ -70,12 +79,34 @@ static UNIT: LazyLock<Regex> = LazyLock::new(|| {
         r"(?:\s*\^\s*\{?\d\}?)?\.?\s*$"
     ))
 });
+static RATE_UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    regex_or_never(concat!(
+        r"(?i)([\d}])\s*(?:k?m|cm|mi|ft|miles?|meters?|kilometers?|km)\s*/\s*",
+        r"(?:h|hr|hours?|s|sec|seconds?|min|minutes?)\.?\s*$"
+    ))
+});
+static CURRENCY_CODE: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"^(?:USD|EUR|GBP|INR|Rs\.?)\s*(-?[\d.])"));
 static SHORT_UNIT: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"(\d)\s+(?:m|g|s|h|l|L)(?:\s*\^\s*\{?\d\}?)?\s*$"));
 static TRAILING_WORDS: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"([\d})\]]|\\pi)((?:\s+[A-Za-z][A-Za-z'’\-]+\.?)+)\s*$"));
-static THIN_THOUSANDS: LazyLock<Regex> =
-    LazyLock::new(|| regex_or_never(r"(\d)(?:\\,|\{,\}|\\ |\\;)(\d{3})\b"));
+static THIN_THOUSANDS: LazyLock<Regex> = LazyLock::new(|| {
+    regex_or_never(r"(\d)(?:\\,|\s*\{\s*,\s*\}\s*|\\ |\\;|,?\\!\s*|,\\,\s*)(\d{3})\b")
+});
+static SPACE_THOUSANDS: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"^-?[1-9]\d{0,2}(?: \d{3})+(?:\.\d+)?$"));
+static DECIMAL_COMMA: LazyLock<Regex> = LazyLock::new(|| regex_or_never(r"^(-?)(\d+),(\d+)$"));
+static ROW_SKIP: LazyLock<Regex> =
+    LazyLock::new(|| regex_or_never(r"^\[\s*-?[\d.]+\s*(?:pt|em|ex|mm|cm|in)\s*\]"));
+static DOUBLED: LazyLock<Regex> = LazyLock::new(|| {
+    regex_or_never(concat!(
+        r"(^|[^\\])\\\\(frac|dfrac|tfrac|left|right|sqrt|boxed|text|textbf|mathrm|mathbf|",
+        r"pi|le|leq|ge|geq|lt|gt|ne|neq|cdot|times|infty|begin|end|quad|qquad|in|cup|cap|pm|",
+        r"circ|sin|cos|tan|log|ln|binom|approx|emptyset|varnothing|dots|ldots|cdots|theta|alpha|",
+        r"beta|sqrt|overline|mid|infty)\b"
+    ))
+});
 static THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| regex_or_never(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?"));
 static MIXED_SLASH: LazyLock<Regex> =
@@ -100,7 +131,9 @@ fn replace_symbols(s: &str) -> String {
             '≠' => out.push_str("\\ne "),
             '∪' => out.push_str("\\cup "),
             '∅' => out.push_str("\\emptyset "),
-            '\u{00a0}' | '\u{2009}' | '\u{202f}' => out.push(' '),
+            '\u{00a0}' | '\u{2009}' | '\u{202f}' | '"' | '“' | '”' => out.push(' '),
+            '≈' => out.push_str("\\approx "),
+            '€' | '£' | '¥' | '₹' | '₽' | '₩' => out.push(' '),
             _ => out.push(c),
         }
     }
@@ -164,32 +197,156 @@ fn strip_delimiters(s: &str) -> String {
         .replace("\\]", " ")
 }
 
+/// Some datasets store LaTeX with every backslash doubled (`\\frac`, `\\left(`); a doubled
+/// backslash before a command name is a line break followed by plain letters in LaTeX, which
+/// never occurs in an answer, so it is read as the command.
+fn undouble_backslashes(s: &str) -> String {
+    if !s.contains("\\\\") {
+        return s.to_string();
+    }
+    let mut out = s.to_string();
+    // Adjacent commands share no characters, so a few passes reach a fixed point.
+    for _ in 0..4 {
+        let next = DOUBLED.replace_all(&out, "$1\\$2").into_owned();
+        if next == out {
+            break;
+        }
+        out = next;
+    }
+    if out == s {
+        return out;
+    }
+    out.replace("\\\\\\\\", "\\\\")
+}
+
+/// Matrix environments (`pmatrix`, `bmatrix`, `vmatrix`, `matrix`, `array` with its column
+/// specification) become `\begmat a & b \cr c & d \endmat`, so that row breaks survive the
+/// removal of `\\` line breaks. Unknown environments are left alone.
+fn matrices(s: &str) -> String {
+    if !s.contains("\\begin") {
+        return s.to_string();
+    }
+    let mut out = s.to_string();
+    for _ in 0..8 {
+        let Some(start) = out.find("\\begin{") else {
+            break;
+        };
+        let name_start = start + "\\begin{".len();
+        let Some(name_len) = out[name_start..].find('}') else {
+            break;
+        };
+        let name = out[name_start..name_start + name_len].to_string();
+        let known = matches!(
+            name.as_str(),
+            "pmatrix"
+                | "bmatrix"
+                | "Bmatrix"
+                | "vmatrix"
+                | "Vmatrix"
+                | "matrix"
+                | "smallmatrix"
+                | "array"
+        );
+        let end_tag = format!("\\end{{{name}}}");
+        let Some(end) = out.find(&end_tag) else {
+            break;
+        };
+        if !known || end < name_start {
+            break;
+        }
+        let mut body_start = name_start + name_len + 1;
+        if name == "array" && out[body_start..].trim_start().starts_with('{') {
+            let gap = out[body_start..].len() - out[body_start..].trim_start().len();
+            if let Some(close) = matching_brace(&out, body_start + gap) {
+                body_start = close + 1;
+            }
+        }
+        if body_start > end {
+            break;
+        }
+        let body = out[body_start..end].trim().trim_end_matches("\\\\").trim();
+        let rows: Vec<String> = body
+            .split("\\\\")
+            .map(|row| ROW_SKIP.replace(row.trim(), "").trim().to_string())
+            .collect();
+        let replaced = format!(" \\begmat {} \\endmat ", rows.join(" \\cr "));
+        out.replace_range(start..end + end_tag.len(), &replaced);
+    }
+    out
+}
+
 /// `1\,000`, `1{,}000` and `1\ 000` become `1000`.
 fn join_thin_thousands(s: &str) -> String {
     let mut s = s.to_string();
-    loop {
-        let next = THIN_THOUSANDS.replace_all(&s, "$1$2").into_owned();
+    // Left to right, one group at a time: each pass removes one separator.
+    for _ in 0..64 {
+        let next = THIN_THOUSANDS.replace(&s, "$1$2").into_owned();
         if next == s {
-            return s;
+            break;
         }
         s = next;
     }
+    s
 }
 
 /// `x = 3 or x = 5` and `2 and 3` become comma lists, so several solutions
 /// compare as a list. Only applied to mathematical answers, not prose.
 fn list_conjunctions(s: &str) -> String {
     if s.contains('=') || s.chars().any(|c| c.is_ascii_digit()) {
-        CONJUNCTION.replace_all(s, ", ").into_owned()
+        CONJUNCTION
+            .replace_all(s, |c: &Captures| match (c.get(1), c.get(2)) {
+                (Some(close), Some(open)) => format!("{}, {}", close.as_str(), open.as_str()),
+                _ => ", ".to_string(),
+            })
+            .into_owned()
     } else {
         s.to_string()
     }
 }
 
-/// Expands one top-level `a \pm b` into the list `a+b, a-b` (the two solutions it stands for).
-/// A `\pm` nested in braces or brackets (`\frac{1 \pm \sqrt{5}}{2}`) or next to a comma is
-/// left alone: splitting there would not give the two values.
+/// Expands `a \pm b` into the list `a+b, a-b` (the two solutions it stands for), in a lone
+/// answer or in each element of a list or set (`\{1\pm\sqrt{5},-2\}`). Tuples are left alone.
 fn expand_plus_minus(s: &str) -> String {
+    if !s.contains("\\pm") {
+        return s.to_string();
+    }
+    let t = s.trim();
+    let (open, inner, close) = match t.strip_prefix("\\{").and_then(|r| r.strip_suffix("\\}")) {
+        Some(inner) => ("\\{", inner, "\\}"),
+        None => ("", t, ""),
+    };
+    let items = split_top_level(inner);
+    if items.len() == 1 && open.is_empty() {
+        return expand_one(s);
+    }
+    let expanded: Vec<String> = items.iter().map(|item| expand_one(item)).collect();
+    format!("{open}{}{close}", expanded.join(", "))
+}
+
+/// `s` split at commas outside brackets and braces.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let mut depth = 0i32;
+    let mut start = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '{' | '(' | '[' => depth += 1,
+            '}' | ')' | ']' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&s[start..]);
+    items
+}
+
+/// Expands one top-level `a \pm b`. A `\pm` nested in braces or brackets
+/// (`\frac{1 \pm \sqrt{5}}{2}`) or next to a comma is left alone: splitting there would not
+/// give the two values.
+fn expand_one(s: &str) -> String {
     let Some(pos) = s.find("\\pm") else {
         return s.to_string();
     };
@@ -224,8 +381,10 @@ fn expand_plus_minus(s: &str) -> String {
 /// Drops trailing unit words (`5 cm^2`, `58 dollars`, `15 years old`).
 fn strip_units(s: &str) -> String {
     let mut s = s.trim().to_string();
+    s = CURRENCY_CODE.replace(&s, "$1").into_owned();
     for _ in 0..4 {
-        let next = UNIT.replace(&s, "$1").into_owned();
+        let next = RATE_UNIT.replace(&s, "$1").into_owned();
+        let next = UNIT.replace(&next, "$1").into_owned();
         let next = SHORT_UNIT.replace(&next, "$1").into_owned();
         let next = TRAILING_WORDS.replace(&next, "$1").into_owned();
         let next = next.trim().to_string();
@@ -240,6 +399,9 @@ fn strip_units(s: &str) -> String {
 /// Removes commas from digit groups like `1,000,000` unless the answer is a
 /// bracketed collection, where commas separate elements.
 fn join_thousands(s: &str) -> String {
+    if SPACE_THOUSANDS.is_match(s.trim()) {
+        return s.replace(' ', "");
+    }
     if s.contains("\\{") || is_bracketed(s) {
         return s.to_string();
     }
@@ -259,6 +421,24 @@ fn join_thousands(s: &str) -> String {
     }
     out.push_str(&s[last..]);
     out
+}
+
+/// A lone number with a decimal comma (`1000,99`, `0,111`, `2,74`) as a decimal point. A
+/// comma followed by exactly three digits (`1,222`) stays a thousands separator unless the
+/// integer part is `0` (`0,111`), and a comma followed by one digit (`1,2`) stays a list of two
+/// numbers, as in LaTeX answers such as `$1,2$`.
+fn decimal_comma(s: &str) -> String {
+    let Some(c) = DECIMAL_COMMA.captures(s.trim()) else {
+        return s.to_string();
+    };
+    let (sign, int, frac) = (&c[1], &c[2], &c[3]);
+    let zero_int = int.chars().all(|d| d == '0');
+    let decimal = zero_int || (frac.len() >= 2 && frac.len() != 3);
+    if decimal {
+        format!("{sign}{int}.{frac}")
+    } else {
+        s.to_string()
+    }
 }
 
 fn is_bracketed(s: &str) -> bool {
@@ -375,6 +555,33 @@ mod tests {
         assert_eq!(n("(1,000)"), "(1,000)");
         assert_eq!(n("1,2"), "1,2");
         assert_eq!(n("12,345.5"), "12345.5");
+    }
+
+    #[test]
+    fn decimal_commas_digit_groups_and_currency() {
+        assert_eq!(n("1000,99"), "1000.99");
+        assert_eq!(n("0,111"), "0.111");
+        assert_eq!(n("1,222"), "1222");
+        assert_eq!(n("1 000"), "1000");
+        assert_eq!(n("11,\\! 111,\\! 100"), "11111100");
+        assert_eq!(n("14 {,}916"), "14916");
+        assert_eq!(n("€5"), "5");
+        assert_eq!(n("USD 1,000"), "1000");
+        assert_eq!(n("60 km/h"), "60");
+    }
+
+    #[test]
+    fn matrices_doubled_backslashes_and_glued_conjunctions() {
+        assert_eq!(
+            n("\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}"),
+            "\\begmat 1 & 2 \\cr 3 & 4 \\endmat"
+        );
+        assert_eq!(
+            n("\\left[\\begin{array}{cc}1 & 2 \\\\ 3 & 4\\end{array}\\right]"),
+            "[ \\begmat 1 & 2 \\cr 3 & 4 \\endmat ]"
+        );
+        assert_eq!(n("\\\\frac{1}{2}"), "\\frac{1}{2}");
+        assert_eq!(n("(11,7)or(7,11)"), "(11,7), (7,11)");
     }
 
     #[test]

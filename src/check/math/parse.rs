@@ -160,6 +160,8 @@ pub enum Expr {
     Union(Vec<Expr>),
     /// A relation such as `x = 3` or `x > 3`.
     Relation(Box<Expr>, RelOp, Box<Expr>),
+    /// A matrix, as rows of equal length (`pmatrix`, `bmatrix`, `array`, …).
+    Matrix(Vec<Vec<Expr>>),
     /// A multiple-choice letter.
     Choice(char),
     /// Plain text (lower-cased, whitespace collapsed).
@@ -245,6 +247,12 @@ enum Tok {
     Bar,
     Rel(RelOp),
     Cup,
+    /// `&`, the column separator of a matrix.
+    Amp,
+    /// `;`, a separator between groups of answers (`p=5,q=2;p=7,q=2`).
+    Semi,
+    /// `\approx`: what follows is an approximation of the value before it.
+    Approx,
 }
 
 /// Names read as commands even without a backslash (`sqrt(2)`, `pi`).
@@ -312,7 +320,16 @@ fn letters(chars: &[char], start: usize, toks: &mut Vec<Tok>) -> usize {
         i += 1;
     }
     let word: String = chars[start..i].iter().collect();
-    if BARE_COMMANDS.contains(&word.as_str()) {
+    let subscript = matches!(toks.last(), Some(Tok::Op('_')))
+        || (matches!(toks.last(), Some(Tok::Open('{')))
+            && matches!(
+                toks.len().checked_sub(2).map(|j| &toks[j]),
+                Some(Tok::Op('_'))
+            ));
+    if subscript {
+        // `S_{MBCN}` names a point set, not prose.
+        toks.extend(word.chars().map(Tok::Letter));
+    } else if BARE_COMMANDS.contains(&word.as_str()) {
         toks.push(command_token(&word));
     } else if word.len() >= 3 {
         toks.push(Tok::Word(word));
@@ -365,6 +382,7 @@ fn command_token(name: &str) -> Tok {
         "lt" => Tok::Rel(RelOp::Lt),
         "gt" => Tok::Rel(RelOp::Gt),
         "cup" => Tok::Cup,
+        "approx" | "simeq" => Tok::Approx,
         "lbrace" => Tok::Open('s'),
         "rbrace" => Tok::Close('s'),
         "langle" => Tok::Open('('),
@@ -386,8 +404,10 @@ fn symbol(chars: &[char], i: usize, toks: &mut Vec<Tok>) -> Result<usize, ParseE
         ('=', _) => (Tok::Rel(RelOp::Eq), 1),
         ('<', _) => (Tok::Rel(RelOp::Lt), 1),
         ('>', _) => (Tok::Rel(RelOp::Gt), 1),
-        ('+' | '-' | '*' | '/' | '^' | '_' | '!' | ',', _) => (Tok::Op(chars[i]), 1),
-        (';', _) => (Tok::Op(','), 1),
+        ('+' | '-' | '*' | '/' | '^' | '_' | '!' | ',' | '\'', _) => (Tok::Op(chars[i]), 1),
+        (';', _) => (Tok::Semi, 1),
+        (':', _) => (Tok::Op(':'), 1),
+        ('&', _) => (Tok::Amp, 1),
         ('(' | '[' | '{', _) => (Tok::Open(chars[i]), 1),
         (')' | ']' | '}', _) => (Tok::Close(chars[i]), 1),
         ('|', _) => (Tok::Bar, 1),
@@ -451,7 +471,31 @@ impl Parser<'_> {
         out
     }
 
+    /// Groups separated by `;`; a group of several items is one solution
+    /// (`p=5,q=2;p=7,q=2` lists the solutions `(p=5,q=2)` and `(p=7,q=2)`).
     fn answer(&mut self) -> PResult {
+        let first = self.list()?;
+        if self.peek() != Some(&Tok::Semi) {
+            return Ok(first);
+        }
+        let mut groups = vec![first];
+        while self.eat(&Tok::Semi) {
+            if self.peek().is_none() {
+                break;
+            }
+            groups.push(self.list()?);
+        }
+        let groups = groups
+            .into_iter()
+            .map(|g| match g {
+                Expr::List(items) => Expr::Tuple(items),
+                other => other,
+            })
+            .collect();
+        Ok(Expr::List(groups))
+    }
+
+    fn list(&mut self) -> PResult {
         let first = self.union()?;
         if self.peek() != Some(&Tok::Op(',')) {
             return Ok(first);
@@ -475,17 +519,54 @@ impl Parser<'_> {
         Ok(Expr::Union(parts))
     }
 
+    /// A relation, or a chain of them: `x = 5+5+1 = 11` states `x = 11`,
+    /// `0 < x \le 1` states `x \in (0, 1]`, and `x = \frac13 \approx 0.33`
+    /// states the exact value before `\approx`.
     fn relation(&mut self) -> PResult {
-        let lhs = self.sum()?;
-        let Some(Tok::Rel(op)) = self.peek().cloned() else {
-            return Ok(lhs);
-        };
-        self.pos += 1;
-        let rhs = self.sum()?;
-        if matches!(self.peek(), Some(Tok::Rel(_))) {
-            return Err(ParseError::Unexpected("chained relation".into()));
+        let mut items = vec![self.ratio()?];
+        let mut ops = Vec::new();
+        loop {
+            match self.peek().cloned() {
+                Some(Tok::Rel(op)) => {
+                    self.pos += 1;
+                    ops.push(op);
+                    items.push(self.ratio()?);
+                }
+                Some(Tok::Approx) if ops.is_empty() => {
+                    // `x \approx 11` states the value of `x`.
+                    self.pos += 1;
+                    ops.push(RelOp::Eq);
+                    items.push(self.ratio()?);
+                }
+                Some(Tok::Approx) => {
+                    // The approximation is dropped, along with anything chained after it.
+                    while matches!(self.peek(), Some(Tok::Approx | Tok::Rel(_))) {
+                        self.pos += 1;
+                        self.ratio()?;
+                    }
+                    break;
+                }
+                _ => break,
+            }
         }
-        Ok(Expr::Relation(bx(lhs), op, bx(rhs)))
+        if ops.is_empty() {
+            return Ok(items.remove(0));
+        }
+        if ops.len() == 1 {
+            let rhs = items.pop().ok_or(ParseError::Empty)?;
+            let lhs = items.pop().ok_or(ParseError::Empty)?;
+            return Ok(Expr::Relation(bx(lhs), ops[0], bx(rhs)));
+        }
+        chain(items, &ops)
+    }
+
+    /// `a : b`, a ratio, read as the quotient.
+    fn ratio(&mut self) -> PResult {
+        let mut acc = self.sum()?;
+        while self.eat(&Tok::Op(':')) {
+            acc = Expr::Div(bx(acc), bx(self.sum()?));
+        }
+        Ok(acc)
     }
 
     fn sum(&mut self) -> PResult {
@@ -569,6 +650,11 @@ impl Parser<'_> {
 
     fn atom(&mut self) -> PResult {
         match self.next()? {
+            Tok::Num(text) if self.peek() == Some(&Tok::Op('_')) => {
+                self.pos += 1;
+                let base = self.nested(Self::argument)?;
+                based_numeral(&text, &base)
+            }
             Tok::Num(text) => literal(&text),
             Tok::Letter(c) => self.variable(c.to_string()),
             Tok::Cmd(name) => self.command_atom(&name),
@@ -584,11 +670,19 @@ impl Parser<'_> {
         }
     }
 
-    /// A variable, with an optional subscript folded into its name.
-    fn variable(&mut self, name: String) -> PResult {
+    /// A variable, with an optional subscript and primes folded into its name.
+    fn variable(&mut self, mut name: String) -> PResult {
         if self.eat(&Tok::Op('_')) {
             let sub = self.nested(Self::argument)?;
-            return Ok(Expr::Var(format!("{name}_{sub}")));
+            name = format!("{name}_{sub}");
+        }
+        let mut primed = false;
+        while self.eat(&Tok::Op('\'')) {
+            name.push('\'');
+            primed = true;
+        }
+        if primed || name.contains('_') {
+            return Ok(Expr::Var(name));
         }
         if name == "e" {
             return Ok(Expr::Const(Constant::E));
@@ -612,13 +706,56 @@ impl Parser<'_> {
                 Ok(Expr::Binom(bx(n), bx(k)))
             }
             "sqrt" => self.root(),
+            "begmat" => self.matrix(),
+            "endmat" | "cr" => Err(ParseError::Unexpected(format!("\\{name}"))),
             _ => match function(name) {
                 Some(FuncName::Plain(f)) => self.function(f, false),
                 Some(FuncName::Log) => self.function(Func::Ln, true),
                 None if GREEK.contains(&name) => self.variable(format!("\\{name}")),
-                None => Err(ParseError::Unexpected(format!("\\{name}"))),
+                None => self.symbol_command(name),
             },
         }
+    }
+
+    /// Any other command is a named symbol (`\angle`, `\vec{v}`), with its
+    /// braced argument folded into the name, so that equal spellings compare
+    /// equal and different ones do not.
+    fn symbol_command(&mut self, name: &str) -> PResult {
+        if self.peek() == Some(&Tok::Open('{')) {
+            let arg = self.nested(Self::argument)?;
+            return self.variable(format!("\\{name}{{{arg}}}"));
+        }
+        self.variable(format!("\\{name}"))
+    }
+
+    /// The rows of a matrix up to `\endmat` (see the normaliser), cells
+    /// separated by `&` and rows by `\cr`.
+    fn matrix(&mut self) -> PResult {
+        let mut rows: Vec<Vec<Expr>> = Vec::new();
+        let mut row = Vec::new();
+        loop {
+            self.deadline.check()?;
+            match self.peek() {
+                Some(Tok::Cmd(name)) if name == "endmat" => {
+                    self.pos += 1;
+                    rows.push(row);
+                    break;
+                }
+                Some(Tok::Cmd(name)) if name == "cr" => {
+                    self.pos += 1;
+                    rows.push(std::mem::take(&mut row));
+                }
+                Some(Tok::Amp) => self.pos += 1,
+                None => return Err(ParseError::Unexpected("unclosed matrix".into())),
+                _ => row.push(self.nested(Self::union)?),
+            }
+        }
+        rows.retain(|r| !r.is_empty());
+        let width = rows.first().map_or(0, Vec::len);
+        if width == 0 || rows.iter().any(|r| r.len() != width) {
+            return Err(ParseError::Unexpected("ragged matrix".into()));
+        }
+        Ok(Expr::Matrix(rows))
     }
 
     fn root(&mut self) -> PResult {
@@ -705,7 +842,7 @@ impl Parser<'_> {
             return Ok(Expr::Set(Vec::new()));
         }
         let mut items = vec![self.union()?];
-        while self.eat(&Tok::Op(',')) {
+        while self.eat(&Tok::Op(',')) || self.eat(&Tok::Semi) {
             items.push(self.union()?);
         }
         let Tok::Close(close) = self.next()? else {
@@ -715,12 +852,93 @@ impl Parser<'_> {
     }
 }
 
+/// A name standing for a quantity rather than a value: `x`, `AB`, `f(x)`,
+/// `|AB|`, `\frac{NO}{BO}`, `V_1 : V_2`, `(p, q)`. `x = 5` against `5`
+/// compares the value when the other side is such a label.
+pub(crate) fn is_label(e: &Expr) -> bool {
+    match e {
+        Expr::Var(_) => true,
+        Expr::Mul(a, b) | Expr::Div(a, b) => is_label(a) && is_label(b),
+        Expr::Func(_, a) => is_label(a),
+        // `f^{-1}(x)`, an inverse function.
+        Expr::Pow(a, b) => {
+            is_label(a) && matches!(&**b, Expr::Neg(n) if matches!(**n, Expr::Num { .. }))
+        }
+        Expr::Tuple(items) => items.iter().all(is_label),
+        _ => false,
+    }
+}
+
+/// A chain of two or more relations. Equalities state their last value for
+/// the last label in the chain (or the first term); two inequalities in the
+/// same direction around a label state an interval (a union of two for an
+/// absolute value with a non-negative lower bound).
+fn chain(mut items: Vec<Expr>, ops: &[RelOp]) -> PResult {
+    let chained = || ParseError::Unexpected("chained relation".into());
+    if ops.iter().all(|op| *op == RelOp::Eq) {
+        let last = items.pop().ok_or(ParseError::Empty)?;
+        let at = items.iter().rposition(is_label).unwrap_or(0);
+        let lhs = items.swap_remove(at);
+        return Ok(Expr::Relation(bx(lhs), RelOp::Eq, bx(last)));
+    }
+    let [op1, op2] = ops else {
+        return Err(chained());
+    };
+    let up = |op: &RelOp| matches!(op, RelOp::Lt | RelOp::Le);
+    let down = |op: &RelOp| matches!(op, RelOp::Gt | RelOp::Ge);
+    let closed = |op: &RelOp| matches!(op, RelOp::Le | RelOp::Ge);
+    let (hi, mid, lo) = (
+        items.pop().ok_or(ParseError::Empty)?,
+        items.pop().ok_or(ParseError::Empty)?,
+        items.pop().ok_or(ParseError::Empty)?,
+    );
+    let (lo, lo_closed, hi, hi_closed) = if up(op1) && up(op2) {
+        (lo, closed(op1), hi, closed(op2))
+    } else if down(op1) && down(op2) {
+        (hi, closed(op2), lo, closed(op1))
+    } else {
+        return Err(chained());
+    };
+    let interval = |left_closed, lo, hi, right_closed| Expr::Interval {
+        left_closed,
+        lo: bx(lo),
+        hi: bx(hi),
+        right_closed,
+    };
+    match mid {
+        Expr::Func(Func::Abs, inner) if is_label(&inner) => {
+            let Expr::Num { value, .. } = &lo else {
+                return Err(chained());
+            };
+            if value.is_zero() && lo_closed {
+                return Ok(interval(
+                    hi_closed,
+                    Expr::Neg(bx(hi.clone())),
+                    hi,
+                    hi_closed,
+                ));
+            }
+            if value < &BigRational::zero() {
+                return Err(chained());
+            }
+            let neg = |e: &Expr| Expr::Neg(bx(e.clone()));
+            Ok(Expr::Union(vec![
+                interval(hi_closed, neg(&hi), neg(&lo), lo_closed),
+                interval(lo_closed, lo, hi, hi_closed),
+            ]))
+        }
+        mid if is_label(&mid) => Ok(interval(lo_closed, lo, hi, hi_closed)),
+        _ => Err(chained()),
+    }
+}
+
 fn collection(open: char, close: char, mut items: Vec<Expr>) -> PResult {
     let n = items.len();
     match (open, close) {
         ('s', 's') => Ok(Expr::Set(items)),
         ('(', ')') | ('{', '}') | ('[', ']') if n == 1 => Ok(items.remove(0)),
-        ('{', '}') => Ok(Expr::Set(items)),
+        // Plain braces only group in LaTeX: `{1, 3}` is the list `1, 3`.
+        ('{', '}') => Ok(Expr::List(items)),
         ('(', ')') => Ok(Expr::Tuple(items)),
         ('[', ']') if n > 2 => Ok(Expr::Tuple(items)),
         ('[' | '(', ']' | ')') if n == 2 => {
@@ -762,7 +980,7 @@ fn function(name: &str) -> Option<FuncName> {
 }
 
 fn is_atom_command(name: &str) -> bool {
-    matches!(name, "pi" | "infty" | "frac" | "sqrt" | "binom")
+    matches!(name, "pi" | "infty" | "frac" | "sqrt" | "binom" | "begmat")
         || function(name).is_some()
         || GREEK.contains(&name)
 }
@@ -800,6 +1018,27 @@ fn integer(n: i64) -> Expr {
         value: BigRational::from_integer(BigInt::from(n)),
         places: 0,
     }
+}
+
+/// A numeral in another base, `204_5` (= 54): the digits must be valid in the
+/// base, an integer from 2 to 10.
+fn based_numeral(digits: &str, base: &Expr) -> PResult {
+    let bad = || ParseError::Unexpected(format!("{digits}_{base}"));
+    let Expr::Num { value, places: 0 } = base else {
+        return Err(bad());
+    };
+    let base = num_traits::ToPrimitive::to_u32(value.numer())
+        .filter(|b| value.is_integer() && (2..=10).contains(b))
+        .ok_or_else(bad)?;
+    let mut acc = BigInt::zero();
+    for c in digits.chars() {
+        let d = c.to_digit(base).ok_or_else(bad)?;
+        acc = acc * base + d;
+    }
+    Ok(Expr::Num {
+        value: BigRational::from_integer(acc),
+        places: 0,
+    })
 }
 
 /// Parses `12`, `0.75`, `.5`, `1.5e3` exactly.
@@ -864,6 +1103,14 @@ impl fmt::Display for Expr {
                 write!(f, "{}", parts.join(" U "))
             }
             Expr::Relation(a, op, b) => write!(f, "{a} {} {b}", rel_symbol(*op)),
+            Expr::Matrix(rows) => {
+                write!(f, "[")?;
+                for (i, row) in rows.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ", " };
+                    write_items(f, &format!("{sep}["), row, "]")?;
+                }
+                write!(f, "]")
+            }
             Expr::Choice(c) => write!(f, "({c})"),
             Expr::Text(t) => write!(f, "\"{t}\""),
         }
@@ -950,7 +1197,12 @@ mod tests {
         assert_eq!(p("(B)"), "(B)");
         assert_eq!(p("b"), "b");
         assert_eq!(p("Monday"), "\"monday\"");
-        assert!(p("1 < x < 3").starts_with("error"));
+        assert_eq!(p("1 < x \\le 3"), "(1, 3]");
+        assert_eq!(p("3 > x > 1"), "(1, 3)");
+        assert_eq!(p("1 \\le |z| < 2"), "(-(2), -(1)] U [1, 2)");
+        assert_eq!(p("x = 1 + 1 = 2"), "x = 2");
+        assert_eq!(p("x = \\frac13 \\approx 0.33"), "x = (1 / 3)");
+        assert!(p("1 < x > 3").starts_with("error"));
         assert!(p("2 3").starts_with("error"));
         assert!(p("(((").starts_with("error"));
     }
