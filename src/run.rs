@@ -192,7 +192,7 @@ fn fingerprint(parts: &[&str]) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-fn table<'a>(cfg: &'a toml::Table, name: &str) -> toml::Table {
+fn table(cfg: &toml::Table, name: &str) -> toml::Table {
     cfg.get(name)
         .and_then(|v| v.as_table())
         .cloned()

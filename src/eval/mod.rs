@@ -174,6 +174,9 @@ fn extracted_answer(evidence: &serde_json::Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A sample with its index, trace and grade.
+type Graded<'a> = (u32, &'a Trace, Option<&'a crate::check::grade::CheckResult>);
+
 /// Runs an evaluation: generates (resuming), grades, writes results and summary.
 pub async fn run(
     problems: &[Problem],
@@ -219,8 +222,7 @@ pub async fn run(
     let grade_seconds = t1.elapsed().as_secs_f64();
 
     // Group by problem, in dataset order, samples in index order.
-    let mut per: HashMap<&str, Vec<(u32, &Trace, Option<&crate::check::grade::CheckResult>)>> =
-        HashMap::new();
+    let mut per: HashMap<&str, Vec<Graded<'_>>> = HashMap::new();
     for (t, g) in traces.iter().zip(&grades) {
         per.entry(t.problem_id.as_str())
             .or_default()

@@ -45,7 +45,7 @@ impl Default for BatchConfig {
 /// What a sequence is for.
 enum Kind {
     Generate {
-        sampler: Sampler,
+        sampler: Box<Sampler>,
         prompt_len: usize,
         logprobs: Vec<TokenLogprobs>,
         /// Generated text so far is checked for stop strings only past this byte.
@@ -126,7 +126,7 @@ impl<'e> Scheduler<'e> {
             tokens: req.prompt,
             cache: KvCache::new(self.engine.weights.dims().layers),
             kind: Kind::Generate {
-                sampler: Sampler::new(req.params),
+                sampler: Box::new(Sampler::new(req.params)),
                 prompt_len,
                 logprobs: Vec::new(),
                 stop_scan: 0,

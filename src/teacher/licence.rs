@@ -79,31 +79,6 @@ pub fn announce(licence: Option<&str>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn restrictive_licences_are_recognised() {
-        assert!(restriction("gemma").is_some());
-        assert!(restriction("llama3.2").is_some());
-        assert!(restriction("cc-by-nc-4.0").is_some());
-        assert!(restriction("apache-2.0").is_none());
-        assert!(restriction("mit").is_none());
-    }
-
-    #[test]
-    fn model_card_front_matter() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(
-            d.path().join("README.md"),
-            "---\nlibrary_name: transformers\nlicense: apache-2.0\n---\n# Model\n",
-        )
-        .unwrap();
-        assert_eq!(detect(d.path()).as_deref(), Some("apache-2.0"));
-    }
-}
-
 /// A teacher whose identity carries its licence (the licence is part of what produced a trace).
 pub struct Licensed {
     inner: std::sync::Arc<dyn super::Teacher>,
@@ -134,5 +109,30 @@ impl super::Teacher for Licensed {
         req: &super::GenRequest,
     ) -> Result<super::GenOutput, super::GenFailure> {
         self.inner.generate(req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restrictive_licences_are_recognised() {
+        assert!(restriction("gemma").is_some());
+        assert!(restriction("llama3.2").is_some());
+        assert!(restriction("cc-by-nc-4.0").is_some());
+        assert!(restriction("apache-2.0").is_none());
+        assert!(restriction("mit").is_none());
+    }
+
+    #[test]
+    fn model_card_front_matter() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("README.md"),
+            "---\nlibrary_name: transformers\nlicense: apache-2.0\n---\n# Model\n",
+        )
+        .unwrap();
+        assert_eq!(detect(d.path()).as_deref(), Some("apache-2.0"));
     }
 }
