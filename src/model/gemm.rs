@@ -140,7 +140,10 @@ pub fn sgemm_new(
 /// A buffer of `n` values each written exactly once by `fill`, which gets disjoint chunks of
 /// `chunk` values (the last may be shorter) with their index, on the rayon pool; no zeroing
 /// pass first.
-pub fn par_filled(
+///
+/// Crate-private: a `fill` that skips an element leaves it uninitialised, so every caller is
+/// one of this crate's kernels, each writing its whole chunk.
+pub(crate) fn par_filled(
     n: usize,
     chunk: usize,
     fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
