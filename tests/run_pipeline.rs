@@ -119,6 +119,7 @@ quiet = true
 [filter]
 checker = "math"
 rules = ["{rules}"]
+disable_rule = ["length"]
 [train]
 max_steps = 2
 batch_size = 2
