@@ -513,8 +513,11 @@ async fn eval_cmd(a: EvalArgs) -> anyhow::Result<Outcome> {
     let Some(out_dir) = a.out_dir.clone() else {
         bail!("--out-dir is required (or --compare A B)");
     };
-    if !(a.code_timeout > 0.0 && a.code_timeout.is_finite() && a.code_timeout < 86_400.0) {
-        bail!("--code-timeout must be a number of seconds in (0, 86400)");
+    if !(a.code_timeout > 0.0 && a.code_timeout <= MAX_SECONDS) {
+        bail!(
+            "--code-timeout {} must be a number of seconds in (0, {MAX_SECONDS}]",
+            a.code_timeout
+        );
     }
     let p = prepare(&a.gen, (0.0, 1.0)).await?;
     #[cfg(target_os = "linux")]
@@ -565,6 +568,10 @@ async fn eval_cmd(a: EvalArgs) -> anyhow::Result<Outcome> {
     // Failed samples count as incorrect and are reported in the summary; rerunning retries them.
     Ok(Outcome::default())
 }
+
+/// Longest time limit a flag accepts (one day): larger values would overflow a `Duration`
+/// (`--timeout 1e20` panicked) and mean no limit anyway.
+const MAX_SECONDS: f64 = 86_400.0;
 
 /// Picks the local engine: candle where its model code runs the model, mistral.rs otherwise
 /// (`auto`), or what the user asked for, refusing candle on a model it cannot run.
@@ -730,8 +737,11 @@ async fn prepare(a: &GenerateArgs, defaults: (f64, f64)) -> anyhow::Result<Prepa
                     .filter(|k| !k.is_empty())
                     .map(ApiKey::new),
             };
-            if !(a.timeout > 0.0 && a.timeout.is_finite()) {
-                bail!("--timeout must be a positive number of seconds");
+            if !(a.timeout > 0.0 && a.timeout <= MAX_SECONDS) {
+                bail!(
+                    "--timeout {} must be a number of seconds in (0, {MAX_SECONDS}]",
+                    a.timeout
+                );
             }
             let t = OpenAiTeacher::connect(OpenAiConfig {
                 base_urls: a.base_urls.clone(),
@@ -882,8 +892,11 @@ fn check_code(
     out: &mut dyn std::io::Write,
 ) -> anyhow::Result<crate::check::rows::RowsSummary> {
     use crate::check::code::{Sandbox, SandboxConfig};
-    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
-        bail!("--timeout must be a positive number of seconds");
+    if !(a.timeout > 0.0 && a.timeout <= MAX_SECONDS) {
+        bail!(
+            "--timeout {} must be a number of seconds in (0, {MAX_SECONDS}]",
+            a.timeout
+        );
     }
     let cfg = SandboxConfig {
         wall_timeout: Duration::from_secs_f64(a.timeout),
@@ -1004,8 +1017,11 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
     #[cfg(target_os = "linux")]
     let sandbox = if matches!(a.checker, CheckerKind::Auto | CheckerKind::Code) {
         use crate::check::code::{Sandbox, SandboxConfig};
-        if !(a.code_timeout > 0.0 && a.code_timeout.is_finite()) {
-            bail!("--code-timeout must be a positive number of seconds");
+        if !(a.code_timeout > 0.0 && a.code_timeout <= MAX_SECONDS) {
+            bail!(
+                "--code-timeout {} must be a number of seconds in (0, {MAX_SECONDS}]",
+                a.code_timeout
+            );
         }
         Some(Sandbox::new(SandboxConfig {
             wall_timeout: Duration::from_secs_f64(a.code_timeout),

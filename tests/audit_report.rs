@@ -286,8 +286,8 @@ fn hint_when_nothing_is_kept_and_funnel_rebuilt_without_summary() {
             ("input", 1, 17),
             ("rules", 3, 14),
             ("checker", 12, 2),
-            ("dedup", 1, 1),
-            ("decontam", 1, 0),
+            ("decontam", 1, 1),
+            ("dedup", 1, 0),
             ("pass_rate", 0, 0),
             ("cap", 0, 0),
         ]

@@ -207,3 +207,29 @@ fn corrupt_output_file_is_named_not_overwritten() {
         "not json at all\n{}\n"
     );
 }
+
+#[test]
+fn huge_time_limits_are_refused_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("p.jsonl");
+    write_problems(&data, 1);
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--timeout",
+        "1e20",
+        "--dataset",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{e}");
+    assert!(
+        one_line_error(&e).contains("--timeout 100000000000000000000"),
+        "{e}"
+    );
+    let (code, e) = run(&["check", "code", "--timeout", "inf", data.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{e}");
+    assert!(one_line_error(&e).contains("--timeout"), "{e}");
+}

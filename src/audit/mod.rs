@@ -28,16 +28,9 @@ pub use html::{render_html, write_html};
 pub use summary::terminal_summary;
 
 /// Pipeline order of the filter stages, used to order a funnel rebuilt from the traces and to
-/// attribute a trace with reasons from several stages to the earliest one.
-pub const STAGE_ORDER: &[&str] = &[
-    "input",
-    "rules",
-    "checker",
-    "dedup",
-    "decontam",
-    "pass_rate",
-    "cap",
-];
+/// attribute a trace with reasons from several stages to the earliest one: the filter's own
+/// list, so the two cannot drift apart.
+pub const STAGE_ORDER: &[&str] = &crate::filter::stage::STAGES;
 
 /// Errors while loading a run or writing a report. Each names the file (and line, for JSONL) so
 /// that a broken run can be fixed without guessing.
