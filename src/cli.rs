@@ -52,6 +52,51 @@ pub enum Command {
     Bench(BenchCommand),
 }
 
+/// The grading function's flags, shared by `filter` and `eval` so that both grade alike.
+#[derive(Debug, Args)]
+pub struct GradeArgs {
+    /// Answer checker.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub checker: crate::filter::stage::CheckerKind,
+    /// Math checker time budget per answer, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub math_budget_ms: u64,
+    /// Code checker wall-clock limit per program, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub code_timeout: f64,
+}
+
+impl GradeArgs {
+    /// The math checker's options.
+    fn math(&self) -> crate::check::math::MathOptions {
+        crate::check::math::MathOptions {
+            budget_ms: self.math_budget_ms,
+            ..Default::default()
+        }
+    }
+
+    /// The code sandbox, when the checker may run code and `needed` says code will be graded.
+    #[cfg(target_os = "linux")]
+    fn sandbox(&self, needed: bool) -> anyhow::Result<Option<crate::check::code::Sandbox>> {
+        use crate::check::code::{Sandbox, SandboxConfig};
+        use crate::filter::stage::CheckerKind;
+        if !(needed && matches!(self.checker, CheckerKind::Auto | CheckerKind::Code)) {
+            return Ok(None);
+        }
+        if !(self.code_timeout > 0.0 && self.code_timeout <= MAX_SECONDS) {
+            bail!(
+                "--code-timeout {} must be a number of seconds in (0, {MAX_SECONDS}]",
+                self.code_timeout
+            );
+        }
+        Ok(Some(Sandbox::new(SandboxConfig {
+            wall_timeout: Duration::from_secs_f64(self.code_timeout),
+            cpu_time_limit: Duration::from_secs_f64(self.code_timeout),
+            ..SandboxConfig::default()
+        })?))
+    }
+}
+
 /// Flags of `distill eval`: the generate flags (model, adapter, engine, sampling), an output
 /// directory and the checker.
 #[derive(Debug, Args)]
@@ -63,15 +108,9 @@ pub struct EvalArgs {
     /// problems instead of evaluating; writes compare.json into --out-dir, else into B.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     pub compare: Vec<PathBuf>,
-    /// Answer checker.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub checker: crate::filter::stage::CheckerKind,
-    /// Math checker time budget per sample, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    pub math_budget_ms: u64,
-    /// Code checker wall-clock limit per program, in seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub code_timeout: f64,
+    /// Checker and its limits (as for `filter`).
+    #[command(flatten)]
+    pub grade: GradeArgs,
     /// Model, sampling and dataset (as for `generate`; `--out` is unused: traces go to
     /// OUT_DIR/traces.jsonl). Greedy unless --temperature is given.
     #[command(flatten)]
@@ -96,15 +135,9 @@ pub struct FilterArgs {
     /// Drop a rule by id (e.g. final_answer for code traces); repeatable.
     #[arg(long)]
     pub disable_rule: Vec<String>,
-    /// Answer checker.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub checker: crate::filter::stage::CheckerKind,
-    /// Math checker time budget per trace, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    pub math_budget_ms: u64,
-    /// Code checker wall-clock limit per program, in seconds.
-    #[arg(long, default_value_t = 10.0)]
-    pub code_timeout: f64,
+    /// Checker and its limits.
+    #[command(flatten)]
+    pub grade: GradeArgs,
     /// Near-duplicate Jaccard threshold (MinHash + LSH).
     #[arg(long, default_value_t = 0.8)]
     pub near_dup: f64,
@@ -513,38 +546,18 @@ async fn eval_cmd(a: EvalArgs) -> anyhow::Result<Outcome> {
     let Some(out_dir) = a.out_dir.clone() else {
         bail!("--out-dir is required (or --compare A B)");
     };
-    if !(a.code_timeout > 0.0 && a.code_timeout <= MAX_SECONDS) {
-        bail!(
-            "--code-timeout {} must be a number of seconds in (0, {MAX_SECONDS}]",
-            a.code_timeout
-        );
-    }
     let p = prepare(&a.gen, (0.0, 1.0)).await?;
     #[cfg(target_os = "linux")]
-    let sandbox = if matches!(
-        a.checker,
-        crate::filter::stage::CheckerKind::Auto | crate::filter::stage::CheckerKind::Code
-    ) && p.problems.iter().any(|q| q.reference.tests.is_some())
-    {
-        use crate::check::code::{Sandbox, SandboxConfig};
-        Some(Sandbox::new(SandboxConfig {
-            wall_timeout: Duration::from_secs_f64(a.code_timeout),
-            cpu_time_limit: Duration::from_secs_f64(a.code_timeout),
-            ..SandboxConfig::default()
-        })?)
-    } else {
-        None
-    };
+    let sandbox = a
+        .grade
+        .sandbox(p.problems.iter().any(|q| q.reference.tests.is_some()))?;
     let cfg = EvalConfig {
         n: a.gen.n,
         sampling: p.sampling,
         concurrency: p.concurrency,
         out_dir: out_dir.clone(),
-        checker: a.checker,
-        math: crate::check::math::MathOptions {
-            budget_ms: a.math_budget_ms,
-            ..Default::default()
-        },
+        checker: a.grade.checker,
+        math: a.grade.math(),
         #[cfg(target_os = "linux")]
         sandbox,
         progress: !a.gen.quiet,
@@ -927,7 +940,7 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
     use crate::filter::decontam::{DecontamParams, EvalIndex};
     use crate::filter::dedup::{DedupConfig, MinHashParams};
     use crate::filter::rules::RuleSet;
-    use crate::filter::stage::{self, CheckerKind, FilterConfig};
+    use crate::filter::stage::{self, FilterConfig};
 
     let mut rules = if a.no_default_rules {
         RuleSet::default()
@@ -1015,29 +1028,11 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
         })
     };
     #[cfg(target_os = "linux")]
-    let sandbox = if matches!(a.checker, CheckerKind::Auto | CheckerKind::Code) {
-        use crate::check::code::{Sandbox, SandboxConfig};
-        if !(a.code_timeout > 0.0 && a.code_timeout <= MAX_SECONDS) {
-            bail!(
-                "--code-timeout {} must be a number of seconds in (0, {MAX_SECONDS}]",
-                a.code_timeout
-            );
-        }
-        Some(Sandbox::new(SandboxConfig {
-            wall_timeout: Duration::from_secs_f64(a.code_timeout),
-            cpu_time_limit: Duration::from_secs_f64(a.code_timeout),
-            ..SandboxConfig::default()
-        })?)
-    } else {
-        None
-    };
+    let sandbox = a.grade.sandbox(true)?;
     let cfg = FilterConfig {
         rules,
-        checker: a.checker,
-        math: crate::check::math::MathOptions {
-            budget_ms: a.math_budget_ms,
-            ..Default::default()
-        },
+        checker: a.grade.checker,
+        math: a.grade.math(),
         #[cfg(target_os = "linux")]
         sandbox,
         dedup,
