@@ -1108,7 +1108,12 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
             .map_or("n/a".to_string(), |v| format!("{v:.4}"))
     );
     if let Some(dir) = &report.adapter_dir {
-        eprintln!("train: PEFT adapter in {}", dir.display());
+        crate::teacher::licence::write_model_card(dir, &cfg.data)
+            .with_context(|| format!("writing the model card in {}", dir.display()))?;
+        eprintln!(
+            "train: PEFT adapter in {} (model card README.md with the teachers' licences)",
+            dir.display()
+        );
     }
     Ok(Outcome::default())
 }

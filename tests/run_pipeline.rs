@@ -188,6 +188,11 @@ fn run_chains_skips_reruns_what_changed_and_resumes() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["teacher_license"], "gemma");
+    let card = std::fs::read_to_string(out.join("student/README.md")).unwrap();
+    assert!(
+        card.contains("license: gemma") && card.contains("Model Derivative"),
+        "{card}"
+    );
     assert_eq!(manifest["stages"].as_array().unwrap().len(), 6);
     assert!(manifest["checker_version"]
         .as_str()

@@ -232,9 +232,14 @@ fn cli_train_then_merge_on_smollm2() -> R<()> {
         "model.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
+        "README.md",
     ] {
         assert!(merged.join(f).is_file(), "{f} missing");
     }
+    // The model card names the teachers of the training traces and travels into the merge.
+    let card = std::fs::read_to_string(out.join("README.md"))?;
+    assert!(card.contains("Teachers and their licences"), "{card}");
+    assert_eq!(std::fs::read_to_string(merged.join("README.md"))?, card);
     let reloaded = distill::model::load::BaseModel::from_hf_dir(&merged)?;
     assert_eq!(reloaded.config.num_hidden_layers, 30);
     assert_eq!(reloaded.tokenizer.chat_template(), Some(template));

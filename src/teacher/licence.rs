@@ -112,6 +112,53 @@ impl super::Teacher for Licensed {
     }
 }
 
+/// Writes `README.md`, the student's model card, into `dir`: the teachers and their licences as
+/// recorded in the training traces, with what each licence says about training on outputs.
+/// `distill merge` copies it beside the merged weights, so the terms travel with the student.
+pub fn write_model_card(dir: &Path, traces: &Path) -> std::io::Result<()> {
+    let text = std::fs::read_to_string(traces)?;
+    let mut teachers: std::collections::BTreeMap<String, Option<String>> = Default::default();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let t = &v["teacher"];
+        if let Some(model) = t["model"].as_str() {
+            let lic = t["license"].as_str().map(str::to_string);
+            teachers.entry(model.to_string()).or_insert(lic);
+        }
+    }
+    let mut card = String::from("---\nlibrary_name: peft\ntags: [distill, distillation, lora]\n");
+    let licences: Vec<&str> = teachers.values().flatten().map(String::as_str).collect();
+    if let [one] = licences.as_slice() {
+        card.push_str(&format!("license: {one}\n"));
+    }
+    card.push_str("---\n\n# Distilled student\n\n");
+    card.push_str(&format!(
+        "LoRA adapter trained by distill {} on traces from `{}`.\n\n## Teachers and their licences\n\n",
+        env!("CARGO_PKG_VERSION"),
+        traces.display()
+    ));
+    if teachers.is_empty() {
+        card.push_str("The training traces name no teacher.\n");
+    }
+    for (model, lic) in &teachers {
+        match lic {
+            Some(l) => {
+                card.push_str(&format!("- `{model}`: licence `{l}`"));
+                if let Some(why) = restriction(l) {
+                    card.push_str(&format!(". {why}"));
+                }
+                card.push('\n');
+            }
+            None => card.push_str(&format!(
+                "- `{model}`: no licence recorded; check its terms on training with model outputs\n"
+            )),
+        }
+    }
+    std::fs::write(dir.join("README.md"), card)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +181,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(detect(d.path()).as_deref(), Some("apache-2.0"));
+    }
+
+    #[test]
+    fn model_card_carries_the_teachers_licence() {
+        let d = tempfile::tempdir().unwrap();
+        let traces = d.path().join("kept.jsonl");
+        std::fs::write(
+            &traces,
+            "{\"teacher\": {\"model\": \"g.gguf\", \"license\": \"gemma\"}}\nnot json\n",
+        )
+        .unwrap();
+        write_model_card(d.path(), &traces).unwrap();
+        let card = std::fs::read_to_string(d.path().join("README.md")).unwrap();
+        assert!(card.contains("license: gemma"), "{card}");
+        assert!(card.contains("Model Derivative"), "{card}");
     }
 }

@@ -152,6 +152,12 @@ pub fn merge(
         });
     }
     base.save_merged(out_dir, Some((&lora_cfg, &varmap)), dtype)?;
+    // The model card (the teachers' licences) travels with the merged weights.
+    let card = adapter_dir.join("README.md");
+    if card.is_file() {
+        let dst = out_dir.join("README.md");
+        std::fs::copy(&card, &dst).map_err(|e| TrainError::io(&dst, e))?;
+    }
     Ok(MergeReport {
         out_dir: out_dir.to_path_buf(),
         adapter_tensors,
