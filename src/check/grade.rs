@@ -44,7 +44,9 @@ pub struct CheckResult {
     pub evidence: Value,
 }
 
-/// The text after the last closed `<think>` block (where the final answer lives).
+/// The text after the last closed `<think>` block (where the final answer lives): the one rule
+/// for where an answer starts, for math and code alike. (The trace record's `reasoning` is the
+/// first block's content; a completion with several blocks fails the `think_well_formed` rule.)
 pub fn answer_part(completion: &str) -> &str {
     completion
         .rfind("</think>")

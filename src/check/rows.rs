@@ -55,14 +55,12 @@ pub struct RowsSummary {
     pub passed: usize,
 }
 
-/// Pulls the program out of a model completion: drops a `<think>` block, then takes the last
-/// fenced code block (```python, ```py or bare ```) that defines something, else the last
-/// fenced block, else the text as is (a bare continuation of the prompt).
+/// Pulls the program out of a model completion: the answer part after the reasoning (the one
+/// rule every grader uses, [`crate::check::grade::answer_part`]), then its last fenced code
+/// block (```python, ```py or bare ```) that defines something, else the last fenced block,
+/// else the text as is (a bare continuation of the prompt).
 pub fn extract_code(completion: &str) -> String {
-    let text = match (completion.find("<think>"), completion.rfind("</think>")) {
-        (_, Some(end)) => &completion[end + "</think>".len()..],
-        _ => completion,
-    };
+    let text = crate::check::grade::answer_part(completion);
     let mut blocks: Vec<&str> = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("```") {
