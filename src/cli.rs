@@ -678,7 +678,22 @@ async fn prepare(a: &GenerateArgs, defaults: (f64, f64)) -> anyhow::Result<Prepa
         .unwrap_or_else(|| ds.preset.default_prompt().to_string());
     let template = PromptTemplate::load(&prompt_name)?;
 
-    let mut concurrency = a.concurrency.max(1);
+    let at_least = |flag: &str, v: u64, min: u64| -> anyhow::Result<()> {
+        if v < min {
+            bail!("{flag} {v} must be at least {min}");
+        }
+        Ok(())
+    };
+    at_least("--concurrency", a.concurrency as u64, 1)?;
+    at_least("--max-batch-tokens", a.max_batch_tokens as u64, 16)?;
+    at_least("--max-attempts", u64::from(a.max_attempts), 1)?;
+    if let Some(r) = a.rpm {
+        at_least("--rpm", u64::from(r), 1)?;
+    }
+    if let Some(t) = a.tpm {
+        at_least("--tpm", u64::from(t), 1)?;
+    }
+    let mut concurrency = a.concurrency;
     let teacher: Arc<dyn Teacher> = match a.teacher {
         TeacherKind::Local => {
             let Some(model) = a.model.clone() else {
@@ -761,7 +776,7 @@ async fn prepare(a: &GenerateArgs, defaults: (f64, f64)) -> anyhow::Result<Prepa
                 model: a.model.clone(),
                 api_key,
                 timeout: Duration::from_secs_f64(a.timeout),
-                max_attempts: a.max_attempts.max(1),
+                max_attempts: a.max_attempts,
                 rpm: a.rpm,
                 tpm: a.tpm,
                 logprob_base: a.logprob_base,

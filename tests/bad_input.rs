@@ -233,3 +233,26 @@ fn huge_time_limits_are_refused_not_panicked_on() {
     assert_eq!(code, Some(2), "{e}");
     assert!(one_line_error(&e).contains("--timeout"), "{e}");
 }
+
+#[test]
+fn zero_concurrency_is_an_error_not_silently_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("p.jsonl");
+    write_problems(&data, 1);
+    let (code, e) = run(&[
+        "generate",
+        "--teacher",
+        "openai",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--concurrency",
+        "0",
+        "--dataset",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{e}");
+    assert!(
+        one_line_error(&e).contains("--concurrency 0 must be at least 1"),
+        "{e}"
+    );
+}
