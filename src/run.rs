@@ -582,73 +582,26 @@ fn report(out: &Path, recs: &BTreeMap<String, StageRecord>) -> String {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get("loss")?.as_f64()?)))
             .collect();
-    let html = html_report(&loss, base, student, cmp.as_ref(), &s);
-    // The report is a convenience; a failure to write it must not fail the run.
-    let _ = std::fs::write(out.join("report.html"), html);
-    s
-}
-
-type Acc = Option<(f64, f64, f64, u64)>;
-
-fn html_report(
-    loss: &[(f64, f64)],
-    base: Acc,
-    student: Acc,
-    cmp: Option<&Value>,
-    text: &str,
-) -> String {
-    let esc = |t: &str| {
-        t.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
-    let (w, h, pad) = (560.0, 220.0, 30.0);
-    let mut svg = String::new();
-    if loss.len() > 1 {
-        let (x0, x1) = (loss[0].0, loss[loss.len() - 1].0.max(loss[0].0 + 1.0));
-        let ymax = loss.iter().map(|p| p.1).fold(f64::MIN, f64::max);
-        let ymin = loss.iter().map(|p| p.1).fold(f64::MAX, f64::min).min(0.0);
-        let pts: Vec<String> = loss
-            .iter()
-            .map(|(x, y)| {
-                format!(
-                    "{:.1},{:.1}",
-                    pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad),
-                    h - pad - (y - ymin) / (ymax - ymin).max(1e-9) * (h - 2.0 * pad)
-                )
-            })
-            .collect();
-        svg = format!(
-            "<svg width='{w}' height='{h}' role='img' aria-label='training loss'><rect width='100%' height='100%' fill='#fafafa'/><polyline fill='none' stroke='#2a6' stroke-width='2' points='{}'/><text x='{pad}' y='16'>loss {ymax:.3} → {:.3} over {} logged steps</text></svg>",
-            pts.join(" "),
-            loss[loss.len() - 1].1,
-            loss.len()
-        );
-    }
-    let bar = |label: &str, a: Acc| {
-        a.map_or(String::new(), |(p, lo, hi, n)| {
-            format!(
-                "<tr><td>{label}</td><td>{:.1}%</td><td>[{:.1}, {:.1}]</td><td>{n}</td><td><div style='background:#36c;height:12px;width:{:.0}px'></div></td></tr>",
-                100.0 * p,
-                100.0 * lo,
-                100.0 * hi,
-                400.0 * p
-            )
-        })
-    };
-    let cmp_line = cmp.map_or(String::new(), |c| {
-        format!(
-            "<p>Change: {:+.1} points, 95% interval [{:+.1}, {:+.1}], paired p = {:.4}.</p>",
-            100.0 * c["delta"].as_f64().unwrap_or(0.0),
-            100.0 * c["ci95"][0].as_f64().unwrap_or(0.0),
-            100.0 * c["ci95"][1].as_f64().unwrap_or(0.0),
-            c["p_value"].as_f64().unwrap_or(1.0)
-        )
+    let summary = |d: &str| read_json(&out.join(d).join("summary.json"));
+    let outcome = json!({
+        "loss": loss.iter().map(|(x, y)| json!([x, y])).collect::<Vec<_>>(),
+        "base": summary("eval-base"),
+        "student": summary("eval-student"),
+        "compare": cmp,
     });
-    format!(
-        "<!doctype html><meta charset='utf-8'><title>distill run</title><style>body{{font-family:sans-serif;max-width:720px;margin:2em auto}}td{{padding:2px 8px}}</style><h1>distill run</h1><h2>Held-out accuracy</h2><table><tr><th>model</th><th>pass@1</th><th>95% CI</th><th>problems</th><th></th></tr>{}{}</table>{cmp_line}<h2>Training loss</h2>{svg}<h2>Stages</h2><pre>{}</pre><p>Filtered traces: <a href='filtered/report.html'>audit report</a> (<code>distill audit filtered</code>).</p>",
-        bar("base", base),
-        bar("student", student),
-        esc(text)
+    // The audit report of the kept traces, extended with what they led to. A convenience: a
+    // failure to write it must not fail the run.
+    let filtered = out.join("filtered");
+    if crate::trace::write_atomically(
+        &filtered.join(crate::audit::OUTCOME_FILE),
+        outcome.to_string().as_bytes(),
     )
+    .is_ok()
+    {
+        if let Ok(run) = crate::audit::load_run(&filtered) {
+            let _ = crate::audit::write_html(&run, &out.join("report.html"));
+            let _ = crate::audit::write_html(&run, &filtered.join("report.html"));
+        }
+    }
+    s
 }

@@ -188,6 +188,13 @@ fn run_chains_skips_reruns_what_changed_and_resumes() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["teacher_license"], "gemma");
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(report.contains("Filter audit"), "the audit report");
+    assert!(report.contains("held-out accuracy") && report.contains("training loss curve"));
+    assert!(
+        report.contains("paired p ="),
+        "the comparison in the report"
+    );
     let card = std::fs::read_to_string(out.join("student/README.md")).unwrap();
     assert!(
         card.contains("license: gemma") && card.contains("Model Derivative"),

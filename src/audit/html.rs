@@ -302,6 +302,78 @@ fn num(v: Option<u64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
+/// The section `distill run` adds: held-out accuracy of the base and the student with 95%
+/// intervals and their paired comparison, and the student's training loss curve (inline SVG).
+fn outcome_section(v: &serde_json::Value) -> String {
+    let f = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);
+    let mut o = String::from(
+        r#"<section aria-labelledby="h-outcome"><h2 id="h-outcome">Student: held-out accuracy and training loss</h2><table><tr><th>model</th><th>pass@1</th><th>95% interval</th><th>problems</th><th></th></tr>"#,
+    );
+    for label in ["base", "student"] {
+        let a = &v[label];
+        if a.is_null() {
+            continue;
+        }
+        let p = f(&a["pass@1"]);
+        let _ = write!(
+            o,
+            r#"<tr><td>{label}</td><td>{:.1}%</td><td>[{:.1}, {:.1}]</td><td>{}</td><td><div style="background:#36c;height:12px;width:{:.0}px"></div></td></tr>"#,
+            100.0 * p,
+            100.0 * f(&a["pass@1_ci95"][0]),
+            100.0 * f(&a["pass@1_ci95"][1]),
+            a["n_problems"].as_u64().unwrap_or(0),
+            (300.0 * p).max(0.0)
+        );
+    }
+    o.push_str("</table>");
+    let c = &v["compare"];
+    if !c.is_null() {
+        let _ = write!(
+            o,
+            "<p>Change: {:+.1} points, 95% interval [{:+.1}, {:+.1}], paired p = {:.4}; {} problems won, {} lost.</p>",
+            100.0 * f(&c["delta"]),
+            100.0 * f(&c["ci95"][0]),
+            100.0 * f(&c["ci95"][1]),
+            f(&c["p_value"]),
+            c["wins"].as_u64().unwrap_or(0),
+            c["losses"].as_u64().unwrap_or(0)
+        );
+    }
+    let loss: Vec<(f64, f64)> = v["loss"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if loss.len() > 1 {
+        let (w, h, pad) = (560.0, 200.0, 24.0);
+        let (x0, x1) = (loss[0].0, loss[loss.len() - 1].0.max(loss[0].0 + 1.0));
+        let ymax = loss.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+        let ymin = loss.iter().map(|p| p.1).fold(f64::MAX, f64::min).min(0.0);
+        let pts: Vec<String> = loss
+            .iter()
+            .map(|(x, y)| {
+                format!(
+                    "{:.1},{:.1}",
+                    pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad),
+                    h - pad - (y - ymin) / (ymax - ymin).max(1e-9) * (h - 2.0 * pad)
+                )
+            })
+            .collect();
+        let _ = write!(
+            o,
+            r#"<p>Training loss {ymax:.3} → {:.3} over {} logged steps.</p><svg width="{w}" height="{h}" role="img" aria-label="training loss curve"><polyline fill="none" stroke="seagreen" stroke-width="2" points="{}"/></svg>"#,
+            loss[loss.len() - 1].1,
+            loss.len(),
+            pts.join(" ")
+        );
+    }
+    o.push_str("</section>\n");
+    o
+}
+
 /// Renders the report page as a string (see [`write_html`]).
 pub fn render_html(run: &AuditRun) -> Result<String, serde_json::Error> {
     let mut o = String::with_capacity(64 * 1024);
@@ -322,6 +394,10 @@ pub fn render_html(run: &AuditRun) -> Result<String, serde_json::Error> {
         esc(&dir),
         esc(&dir)
     );
+
+    if let Some(v) = &run.outcome {
+        o.push_str(&outcome_section(v));
+    }
 
     // Counts.
     let (kept, rejected) = (run.kept.count, run.rejected.count);

@@ -265,6 +265,9 @@ pub struct AuditRun {
     pub traces: Vec<TraceView>,
     /// Inconsistencies worth a reader's attention (count mismatches, missing files, ...).
     pub warnings: Vec<String>,
+    /// What the kept traces led to, when `distill run` recorded it in `outcome.json`: the
+    /// student's training loss and the base and student accuracies with their comparison.
+    pub outcome: Option<Value>,
 }
 
 impl AuditRun {
@@ -463,8 +466,14 @@ pub fn load_run_with(dir: &Path, opts: &LoadOptions) -> Result<AuditRun, AuditEr
         problems: acc.problems,
         traces: acc.traces,
         warnings,
+        outcome: std::fs::read_to_string(dir.join(OUTCOME_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok()),
     })
 }
+
+/// The file in a filter run's directory where `distill run` records training and evaluation.
+pub const OUTCOME_FILE: &str = "outcome.json";
 
 /// Rebuilds a funnel from per-stage removal counts: stages in pipeline order, unknown stages
 /// after the known ones in name order.
