@@ -173,17 +173,13 @@ pub fn supports(path: &Path) -> Result<PathBuf, String> {
     let mut f = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut f)
         .map_err(|e| format!("{}: not a GGUF file: {e}", file.display()))?;
-    let arch = content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_else(|| "llama".into());
-    match arch.as_str() {
-        "llama" | "qwen2" => Ok(file),
-        other => Err(format!(
-            "general.architecture `{other}` is not implemented by the candle engine (llama, qwen2)"
-        )),
+    let arch = crate::model::load::gguf_architecture(&content);
+    if crate::model::load::GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+        Ok(file)
+    } else {
+        Err(format!(
+            "general.architecture `{arch}` is not implemented by the candle engine (llama, qwen2)"
+        ))
     }
 }
 

@@ -130,6 +130,19 @@ fn gguf_f64(c: &gguf_file::Content, key: &str) -> Option<f64> {
     v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
 }
 
+/// The GGUF architectures the model code implements.
+pub const GGUF_ARCHITECTURES: [&str; 2] = ["llama", "qwen2"];
+
+/// A GGUF file's `general.architecture` (`llama` when absent, as llama.cpp assumes).
+pub fn gguf_architecture(content: &gguf_file::Content) -> String {
+    content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "llama".into())
+}
+
 impl BaseModel {
     /// Loads a Hugging Face directory or, if `path` is a file, a GGUF checkpoint.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
@@ -196,13 +209,8 @@ impl BaseModel {
         let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| ModelError::field(&file_name, "header", e))?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "llama".into());
-        if arch != "llama" && arch != "qwen2" {
+        let arch = gguf_architecture(&content);
+        if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
             return Err(ModelError::Unsupported(format!(
                 "{file_name}: general.architecture `{arch}` (supported: llama, qwen2)"
             )));
