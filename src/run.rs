@@ -199,29 +199,52 @@ fn table(cfg: &toml::Table, name: &str) -> toml::Table {
         .unwrap_or_default()
 }
 
+/// A stage's table with the top-level `model` filled in where the table names none.
+fn table_with_model(cfg: &toml::Table, name: &str, model: Option<&str>) -> toml::Table {
+    let mut t = table(cfg, name);
+    if let (Some(m), false) = (model, t.contains_key("model")) {
+        t.insert("model".into(), toml::Value::String(m.to_string()));
+    }
+    t
+}
+
+/// A stage's fingerprint: the version, its name, the upstream stage's fingerprint, its
+/// command line, and the hashes of the files named by `keys` in its table.
+fn stage_fingerprint(
+    name: &str,
+    upstream: Option<&str>,
+    args: &[String],
+    table: &toml::Table,
+    keys: &[&str],
+) -> String {
+    let hashes: Vec<String> = input_files(table, keys)
+        .iter()
+        .map(|p| path_hash(p))
+        .collect();
+    let mut parts: Vec<&str> = vec![env!("CARGO_PKG_VERSION"), name];
+    parts.extend(upstream);
+    parts.extend(args.iter().map(String::as_str));
+    parts.extend(hashes.iter().map(String::as_str));
+    fingerprint(&parts)
+}
+
 /// Builds every stage from the config.
 fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>> {
-    let model = cfg
-        .get("model")
-        .and_then(|v| v.as_str())
-        .map(str::to_string);
-    let version = env!("CARGO_PKG_VERSION");
+    let model = cfg.get("model").and_then(|v| v.as_str());
     let mut stages = Vec::new();
 
-    let mut gen = table(cfg, "generate");
-    if let (Some(m), false) = (&model, gen.contains_key("model")) {
-        gen.insert("model".into(), toml::Value::String(m.clone()));
-    }
+    let gen = table_with_model(cfg, "generate", model);
     let traces = out.join("traces.jsonl");
-    let gen_inputs = input_files(&gen, &["dataset", "model", "prompt", "adapter"]);
     let mut args = vec!["generate".to_string()];
     args.extend(flags(&gen, file, "generate")?);
     args.extend(["--out".into(), traces.display().to_string()]);
-    let hashes: Vec<String> = gen_inputs.iter().map(|p| path_hash(p)).collect();
-    let mut parts: Vec<&str> = vec![version, "generate"];
-    parts.extend(args.iter().map(String::as_str));
-    parts.extend(hashes.iter().map(String::as_str));
-    let gen_fp = fingerprint(&parts);
+    let gen_fp = stage_fingerprint(
+        "generate",
+        None,
+        &args,
+        &gen,
+        &["dataset", "model", "prompt", "adapter"],
+    );
     stages.push(Stage {
         name: "generate",
         args,
@@ -240,14 +263,13 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         "--out-dir".into(),
         filtered.display().to_string(),
     ]);
-    let hashes: Vec<String> = input_files(&filt, &["rules", "eval_set", "eval_sets"])
-        .iter()
-        .map(|p| path_hash(p))
-        .collect();
-    let mut parts: Vec<&str> = vec![version, "filter", &gen_fp];
-    parts.extend(args.iter().map(String::as_str));
-    parts.extend(hashes.iter().map(String::as_str));
-    let filt_fp = fingerprint(&parts);
+    let filt_fp = stage_fingerprint(
+        "filter",
+        Some(&gen_fp),
+        &args,
+        &filt,
+        &["rules", "eval_set", "eval_sets"],
+    );
     stages.push(Stage {
         name: "filter",
         args,
@@ -256,10 +278,7 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         resume_args: vec![],
     });
 
-    let mut tr = table(cfg, "train");
-    if let (Some(m), false) = (&model, tr.contains_key("model")) {
-        tr.insert("model".into(), toml::Value::String(m.clone()));
-    }
+    let tr = table_with_model(cfg, "train", model);
     let student = out.join("student");
     let mut args = vec!["train".to_string()];
     args.extend(flags(&tr, file, "train")?);
@@ -269,14 +288,13 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         "--out".into(),
         student.display().to_string(),
     ]);
-    let hashes: Vec<String> = input_files(&tr, &["model", "config", "chat_template"])
-        .iter()
-        .map(|p| path_hash(p))
-        .collect();
-    let mut parts: Vec<&str> = vec![version, "train", &filt_fp];
-    parts.extend(args.iter().map(String::as_str));
-    parts.extend(hashes.iter().map(String::as_str));
-    let train_fp = fingerprint(&parts);
+    let train_fp = stage_fingerprint(
+        "train",
+        Some(&filt_fp),
+        &args,
+        &tr,
+        &["model", "config", "chat_template"],
+    );
     stages.push(Stage {
         name: "train",
         args,
@@ -285,14 +303,7 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         resume_args: vec!["--resume".into()],
     });
 
-    let mut ev = table(cfg, "eval");
-    if let (Some(m), false) = (&model, ev.contains_key("model")) {
-        ev.insert("model".into(), toml::Value::String(m.clone()));
-    }
-    let ev_hashes: Vec<String> = input_files(&ev, &["dataset", "model", "prompt"])
-        .iter()
-        .map(|p| path_hash(p))
-        .collect();
+    let ev = table_with_model(cfg, "eval", model);
     for (name, adapter, upstream) in [
         ("eval-base", None, None),
         ("eval-student", Some(student.clone()), Some(&train_fp)),
@@ -304,26 +315,22 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         if let Some(a) = &adapter {
             args.extend(["--adapter".into(), a.display().to_string()]);
         }
-        let mut parts: Vec<&str> = vec![version, name];
-        if let Some(u) = upstream {
-            parts.push(u);
-        }
-        parts.extend(args.iter().map(String::as_str));
-        parts.extend(ev_hashes.iter().map(String::as_str));
         stages.push(Stage {
-            name: if adapter.is_some() {
-                "eval-student"
-            } else {
-                "eval-base"
-            },
-            fingerprint: fingerprint(&parts),
+            name,
+            fingerprint: stage_fingerprint(
+                name,
+                upstream.map(String::as_str),
+                &args,
+                &ev,
+                &["dataset", "model", "prompt"],
+            ),
             args,
             outputs: vec![dir],
             resume_args: vec![],
         });
     }
     let cmp_fp = fingerprint(&[
-        version,
+        env!("CARGO_PKG_VERSION"),
         "compare",
         &stages[3].fingerprint,
         &stages[4].fingerprint,
