@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use super::weights::{Dims, LayerWeights, Weights};
 use crate::model::gemm::{pool_threads, sgemm, Mat};
 use crate::model::ops::{dot, norm_rows, rope_rows, sigmoid, softmax_in_place};
+use crate::model::push_rope_row;
 
 /// Keys and values of one sequence: per layer, one row of `kv` floats per cached position.
 #[derive(Debug, Default, Clone)]
@@ -152,11 +153,7 @@ fn rope_tables(inv_freq: &[f64], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
     for &p in positions {
-        for f in inv_freq {
-            let a = p as f64 * f;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
+        push_rope_row(inv_freq, p, &mut cos, &mut sin);
     }
     (cos, sin)
 }

@@ -612,6 +612,16 @@ pub fn rope_inv_freq(cfg: &Config) -> Result<Vec<f64>> {
     }
 }
 
+/// Appends the cos and sin of position `pos` at every frequency: one row of the rotary
+/// tables, computed in f64 and rounded once, the same for training and decoding.
+pub(crate) fn push_rope_row(inv_freq: &[f64], pos: usize, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    for f in inv_freq {
+        let a = pos as f64 * f;
+        cos.push(a.cos() as f32);
+        sin.push(a.sin() as f32);
+    }
+}
+
 impl RotaryEmbedding {
     /// Precomputes cos/sin for positions `0..max_position_embeddings`.
     pub fn new(cfg: &Config, device: &Device) -> Result<Self> {
@@ -621,11 +631,7 @@ impl RotaryEmbedding {
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for p in 0..n {
-            for f in &inv_freq {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
+            push_rope_row(&inv_freq, p, &mut cos, &mut sin);
         }
         Ok(Self {
             cos: Tensor::from_vec(cos, (n, half), device)?,
