@@ -64,6 +64,11 @@ pub struct GradeArgs {
     /// Code checker wall-clock limit per program, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub code_timeout: f64,
+    /// A file or directory programs under the code checker may read, for tests that open data
+    /// files (repeatable). Nothing else outside a program's working directory and the
+    /// interpreter's own files is readable where the kernel has Landlock.
+    #[arg(long, value_name = "PATH")]
+    pub code_allow_read: Vec<PathBuf>,
 }
 
 impl GradeArgs {
@@ -92,6 +97,7 @@ impl GradeArgs {
         Ok(Some(Sandbox::new(SandboxConfig {
             wall_timeout: Duration::from_secs_f64(self.code_timeout),
             cpu_time_limit: Duration::from_secs_f64(self.code_timeout),
+            allow_read: self.code_allow_read.clone(),
             ..SandboxConfig::default()
         })?))
     }
@@ -306,6 +312,11 @@ pub struct CheckArgs {
     /// warm one (the same isolation steps, slower).
     #[arg(long)]
     pub no_fork_server: bool,
+    /// Code: a file or directory programs may read, for tests that open data files
+    /// (repeatable). Nothing else outside a program's working directory and the interpreter's
+    /// own files is readable where the kernel has Landlock.
+    #[arg(long, value_name = "PATH")]
+    pub allow_read: Vec<PathBuf>,
 }
 
 /// Which teacher backend serves the samples.
@@ -932,6 +943,7 @@ fn check_code(
         memory_limit_bytes: a.memory_mb.saturating_mul(1 << 20),
         workers: a.workers.unwrap_or(0),
         fork_server: !a.no_fork_server,
+        allow_read: a.allow_read.clone(),
         ..SandboxConfig::default()
     };
     let sandbox = Sandbox::new(cfg)?;

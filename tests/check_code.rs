@@ -119,13 +119,21 @@ fn assert_verdict(r: &CodeResult, expected: CodeVerdict) {
 
 #[test]
 fn human_eval_canonical_solutions_pass() {
+    human_eval_canonical_solutions_pass_in(SandboxConfig::default());
+}
+
+#[test]
+fn human_eval_canonical_solutions_pass_spawned() {
+    human_eval_canonical_solutions_pass_in(spawned(SandboxConfig::default()));
+}
+
+fn human_eval_canonical_solutions_pass_in(cfg: SandboxConfig) {
     let problems = human_eval();
     assert_eq!(problems.len(), 164);
     let jobs: Vec<CodeJob> = problems
         .iter()
         .map(|p| he_job(p, p.canonical_solution.clone()))
         .collect();
-    let cfg = SandboxConfig::default();
     let start = Instant::now();
     let results = check_batch(&jobs, &cfg);
     let elapsed = start.elapsed();
@@ -138,10 +146,20 @@ fn human_eval_canonical_solutions_pass() {
         results[0].isolation
     );
     assert!(
-        results.iter().all(|r| r.isolation.fork_server),
-        "the warm fork server was not used: {:?}",
+        results
+            .iter()
+            .all(|r| r.isolation.fork_server == cfg.fork_server),
+        "launch path not as configured: {:?}",
         results[0]
     );
+    // The interpreter finds everything it needs under read confinement.
+    if landlock_available() {
+        assert!(
+            results.iter().all(|r| r.isolation.read_confined),
+            "{:?}",
+            results[0].isolation
+        );
+    }
     let failures: Vec<_> = problems
         .iter()
         .zip(&results)
@@ -359,7 +377,7 @@ fn memory_bombs_hit_the_memory_limit_in(base: SandboxConfig) {
 fn fork_bomb_is_contained_and_leaves_no_processes_in(base: SandboxConfig) {
     let mark = marker();
     let program = format!(
-        r#"import os
+        r#"import os, sys
 MARK = "{mark}"
 for i in range(64):
     try:
@@ -369,7 +387,7 @@ for i in range(64):
     if pid == 0:
         try:
             os.setsid()
-            os.execv("/bin/sh", ["/bin/sh", "-c", "while :; do sleep 1; done # " + MARK])
+            os.execv(sys.executable, [sys.executable, "-c", "import time\nwhile True: time.sleep(1)", MARK])
         finally:
             os._exit(0)
 while True:
@@ -411,12 +429,12 @@ while True:
 }
 
 fn process_count_limit_is_reported_and_enforced_in(base: SandboxConfig) {
-    let program = r#"import subprocess
+    let program = r#"import subprocess, sys
 def f():
     procs = []
     try:
         for _ in range(40):
-            procs.append(subprocess.Popen(["/bin/sleep", "5"]))
+            procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"]))
     except OSError:
         pass
     n = len(procs)
@@ -772,16 +790,25 @@ fn process_count_limit_is_reported_and_enforced_spawned() {
 
 #[test]
 fn a_program_cannot_take_down_the_fork_server() {
-    // Signalling the parent (the fork server) is refused under a dedicated
-    // uid; where it succeeds the run is lost, never passed, and later jobs
-    // still get a working server.
-    let program =
-        "import os, signal\ndef f():\n    os.kill(os.getppid(), signal.SIGKILL)\n    return 1\n";
+    // In a PID namespace the parent (the fork server) has no pid the program
+    // could name; without one, signalling it is refused under a dedicated uid;
+    // where it succeeds the run is lost, never passed, and later jobs still get
+    // a working server.
+    let program = "import os, signal\ndef f():\n    ppid = os.getppid()\n    if ppid == 0:\n        raise ProcessLookupError('no parent pid')\n    os.kill(ppid, signal.SIGKILL)\n    return 1\n";
     let test = "def check(f):\n    assert f() == 1\n";
     let sandbox = Sandbox::new(tight()).expect("sandbox");
     let jobs: Vec<CodeJob> = (0..6).map(|_| func_job(program, test, "f")).collect();
     for r in sandbox.check_batch(&jobs) {
-        if r.isolation.dropped_uid {
+        if r.isolation.pid_namespace {
+            assert_verdict(&r, CodeVerdict::RuntimeError);
+            assert!(
+                r.exception
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("ProcessLookupError"),
+                "{r:#?}"
+            );
+        } else if r.isolation.dropped_uid {
             assert_verdict(&r, CodeVerdict::RuntimeError);
             assert!(
                 r.exception
@@ -810,8 +837,17 @@ fn a_program_cannot_take_down_the_fork_server() {
 
 /// Tests that the unprivileged run repeats (as `nobody`, through a user
 /// namespace instead of a dedicated uid).
-const UNPRIVILEGED_TESTS: [&str; 7] = [
+const UNPRIVILEGED_TESTS: [&str; 16] = [
     "human_eval_canonical_solutions_pass",
+    "human_eval_canonical_solutions_pass_spawned",
+    "reads_outside_the_workdir_are_refused",
+    "reads_outside_the_workdir_are_refused_spawned",
+    "listing_directories_outside_the_workdir_is_refused",
+    "listing_directories_outside_the_workdir_is_refused_spawned",
+    "other_processes_are_invisible_and_unreachable",
+    "other_processes_are_invisible_and_unreachable_spawned",
+    "proc_shows_only_the_programs_own_processes",
+    "proc_shows_only_the_programs_own_processes_spawned",
     "early_exits_never_pass",
     "fork_bomb_is_contained_and_leaves_no_processes",
     "writes_outside_the_workdir_do_not_persist",
@@ -830,6 +866,8 @@ fn unprivileged_users_get_the_same_containment() {
             iso.user_namespace && iso.net_namespace && iso.read_only_root,
             "{iso:?}"
         );
+        assert!(iso.pid_namespace, "{iso:?}");
+        assert_eq!(iso.read_confined, landlock_available(), "{iso:?}");
         return;
     }
     // SAFETY: trivial getter.
@@ -872,4 +910,269 @@ fn unprivileged_users_get_the_same_containment() {
     );
     let expected = format!("{} passed", UNPRIVILEGED_TESTS.len() + 1);
     assert!(stdout.contains(&expected), "{stdout}");
+}
+
+/// Whether the kernel has Landlock: read confinement must then be in force.
+fn landlock_available() -> bool {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only
+    // returns the ABI version.
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        ) >= 1
+    }
+}
+
+/// Whether `r` ran read-confined; fails the test where Landlock exists but was not used.
+fn read_confined(r: &CodeResult) -> bool {
+    if landlock_available() {
+        assert!(r.isolation.read_confined, "Landlock unused: {r:#?}");
+    } else {
+        eprintln!("no Landlock in this kernel: {:?}", r.isolation);
+    }
+    r.isolation.read_confined
+}
+
+/// A world-readable file (0644, in a 0755 directory) outside any working directory, with a
+/// random name and content.
+struct Secret {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    name: String,
+    text: String,
+}
+
+fn secret() -> Secret {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("distill-secret-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let name = format!("{}.txt", marker());
+    let text = marker();
+    let file = dir.path().join(&name);
+    std::fs::write(&file, &text).expect("write secret");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    Secret {
+        dir,
+        file,
+        name,
+        text,
+    }
+}
+
+/// Everything a result carries (verdict, output tails, exception, traceback), as published.
+fn evidence(r: &CodeResult) -> String {
+    serde_json::to_string(r).expect("result serializes")
+}
+
+fn reads_outside_the_workdir_are_refused_in(base: SandboxConfig) {
+    let s = secret();
+    // Read as a program would, then print the content and raise it, so that any leak would
+    // reach stdout, the exception and the traceback.
+    let program = format!(
+        r#"def f():
+    try:
+        with open({path:?}) as fh:
+            data = fh.read()
+    except OSError as e:
+        return type(e).__name__
+    print(data)
+    raise RuntimeError("read " + data)
+"#,
+        path = s.file.display().to_string()
+    );
+    let r = check(
+        &func_job(
+            &program,
+            "def check(f):\n    assert f() == 'PermissionError'\n",
+            "f",
+        ),
+        &base,
+    );
+    if read_confined(&r) {
+        assert_verdict(&r, CodeVerdict::Pass);
+        assert!(!evidence(&r).contains(&s.text), "secret leaked: {r:#?}");
+    }
+    // A stdin/stdout program reading it gets nowhere either.
+    let stdio = stdio_job(
+        &format!("print(open({:?}).read())\n", s.file.display().to_string()),
+        &[("", &s.text)],
+    );
+    let r = check(&stdio, &base);
+    if read_confined(&r) {
+        assert_verdict(&r, CodeVerdict::RuntimeError);
+        assert!(
+            r.exception
+                .as_deref()
+                .unwrap_or("")
+                .contains("PermissionError"),
+            "{r:#?}"
+        );
+        assert!(!evidence(&r).contains(&s.text), "secret leaked: {r:#?}");
+    }
+    drop(s.dir);
+}
+
+#[test]
+fn reads_outside_the_workdir_are_refused() {
+    reads_outside_the_workdir_are_refused_in(tight());
+}
+
+#[test]
+fn reads_outside_the_workdir_are_refused_spawned() {
+    reads_outside_the_workdir_are_refused_in(spawned(tight()));
+}
+
+fn listing_directories_outside_the_workdir_is_refused_in(base: SandboxConfig) {
+    let s = secret();
+    let program = format!(
+        r#"import os
+def f():
+    seen = {{}}
+    for d in ({dir:?}, "/", "/tmp", "/etc", "/usr", "/home", "/root", "/proc", ".."):
+        try:
+            seen[d] = sorted(os.listdir(d))
+        except OSError as e:
+            seen[d] = type(e).__name__
+    seen["."] = os.listdir(".")
+    return seen
+"#,
+        dir = s.dir.path().display().to_string()
+    );
+    let test = "def check(f):\n    seen = f()\n    assert isinstance(seen.pop('.'), list), seen\n    assert all(v in ('PermissionError', 'FileNotFoundError') for v in seen.values()), seen\n";
+    let r = check(&func_job(&program, test, "f"), &base);
+    if read_confined(&r) {
+        assert_verdict(&r, CodeVerdict::Pass);
+        assert!(!evidence(&r).contains(&s.name), "listing leaked: {r:#?}");
+    }
+}
+
+#[test]
+fn listing_directories_outside_the_workdir_is_refused() {
+    listing_directories_outside_the_workdir_is_refused_in(tight());
+}
+
+#[test]
+fn listing_directories_outside_the_workdir_is_refused_spawned() {
+    listing_directories_outside_the_workdir_is_refused_in(spawned(tight()));
+}
+
+/// A process outside the sandbox with a secret in its command line and environment.
+fn sibling(mark: &str) -> std::process::Child {
+    Command::new("/bin/sh")
+        .args(["-c", "sleep 60", mark])
+        .env("DISTILL_TEST_SECRET", mark)
+        .spawn()
+        .expect("start a sibling process")
+}
+
+fn other_processes_are_invisible_and_unreachable_in(base: SandboxConfig) {
+    let mark = marker();
+    let mut other = sibling(&mark);
+    let program = format!(
+        r#"import os
+def f():
+    out = {{}}
+    for what in ("cmdline", "environ", "status"):
+        try:
+            with open("/proc/{pid}/" + what, "rb") as fh:
+                out[what] = fh.read().decode("latin-1")
+        except OSError as e:
+            out[what] = type(e).__name__
+    for name, pid in (("sibling", {pid}), ("distill", {me}), ("parent", os.getppid())):
+        if pid == 0:
+            out[name] = "no pid"
+            continue
+        try:
+            os.kill(pid, 0)
+            out[name] = "signalable"
+        except OSError as e:
+            out[name] = type(e).__name__
+    return out
+"#,
+        pid = other.id(),
+        me = std::process::id()
+    );
+    let test = "def check(f):\n    r = f()\n    assert all(v in ('PermissionError', 'FileNotFoundError', 'ProcessLookupError', 'no pid') for v in r.values()), r\n";
+    let r = check(&func_job(&program, test, "f"), &base);
+    let alive = other.try_wait().expect("query sibling").is_none();
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(alive, "the sibling process was killed");
+    if landlock_available() || r.isolation.mount_namespace {
+        assert!(
+            r.isolation.read_confined || r.isolation.pid_namespace,
+            "{r:#?}"
+        );
+        assert_verdict(&r, CodeVerdict::Pass);
+        assert!(!evidence(&r).contains(&mark), "secret leaked: {r:#?}");
+    }
+}
+
+#[test]
+fn other_processes_are_invisible_and_unreachable() {
+    other_processes_are_invisible_and_unreachable_in(tight());
+}
+
+#[test]
+fn other_processes_are_invisible_and_unreachable_spawned() {
+    other_processes_are_invisible_and_unreachable_in(spawned(tight()));
+}
+
+fn proc_shows_only_the_programs_own_processes_in(base: SandboxConfig) {
+    // `/proc` readable on purpose: the PID namespace alone must hide the rest of the machine.
+    let cfg = SandboxConfig {
+        allow_read: vec![PathBuf::from("/proc")],
+        ..base
+    };
+    let mark = marker();
+    let mut other = sibling(&mark);
+    let program = format!(
+        r#"import os
+def f():
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    try:
+        with open("/proc/{pid}/cmdline", "rb") as fh:
+            return pids, fh.read().decode("latin-1")
+    except OSError as e:
+        return pids, type(e).__name__
+"#,
+        pid = other.id()
+    );
+    let test = "def check(f):\n    pids, sibling = f()\n    assert pids == [1], pids\n    assert sibling == 'FileNotFoundError', sibling\n";
+    let r = check(&func_job(&program, test, "f"), &cfg);
+    let _ = other.kill();
+    let _ = other.wait();
+    if r.isolation.mount_namespace {
+        assert!(r.isolation.pid_namespace, "{r:#?}");
+        assert_verdict(&r, CodeVerdict::Pass);
+        assert!(!evidence(&r).contains(&mark), "secret leaked: {r:#?}");
+    } else {
+        eprintln!("no mount namespace, so no PID namespace here: {r:#?}");
+    }
+}
+
+#[test]
+fn proc_shows_only_the_programs_own_processes() {
+    proc_shows_only_the_programs_own_processes_in(tight());
+}
+
+#[test]
+fn proc_shows_only_the_programs_own_processes_spawned() {
+    proc_shows_only_the_programs_own_processes_in(spawned(tight()));
+}
+
+#[test]
+fn allowing_reads_of_the_root_is_refused() {
+    let cfg = SandboxConfig {
+        allow_read: vec![PathBuf::from("/")],
+        ..tight()
+    };
+    let err = Sandbox::new(cfg).expect_err("the root is refused");
+    assert!(err.to_string().contains("undo read confinement"), "{err}");
 }

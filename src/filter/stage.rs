@@ -274,7 +274,9 @@ pub fn run(traces_path: &Path, cfg: &FilterConfig) -> Result<FilterSummary, Filt
     let code_settings = cfg
         .sandbox
         .as_ref()
-        .map(|s| format!("{:?}", s.config()))
+        // The isolation in force is part of the key: a verdict (and its evidence) obtained
+        // under weaker isolation is not reused.
+        .map(|s| format!("{:?} {:?}", s.config(), s.isolation()))
         .unwrap_or_default();
     #[cfg(not(target_os = "linux"))]
     let code_settings = String::new();

@@ -6,7 +6,8 @@
 //! program it forks a child that takes exactly the steps a freshly spawned
 //! sandbox takes (new user namespace when unprivileged, new network, IPC and
 //! mount namespaces, read-only root, private tmpfs working directory, resource
-//! limits, its own uid, no new privileges, a death signal; unprivileged
+//! limits, its own uid, no new privileges, a death signal, a PID namespace
+//! with its own `/proc`, the Landlock ruleset distill built for the run; unprivileged
 //! children also drop the capabilities the user namespace gave them, which a
 //! spawned sandbox loses when it executes the interpreter) and then runs the
 //! same harness bootstrap on the same descriptors. The child confirms on a sync
@@ -28,6 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use super::confine::ReadSet;
 use super::sandbox::{
     cstring, io_pollfds, kill_net_ns, net_ns_inode, pipe, poll_and_pump, prepare_workdir,
     remove_workdir, Feed, Plan, RunOutcome, RunRequest, SandboxConfig, Stream,
@@ -118,6 +120,8 @@ impl Server {
             .args(["-c", SERVER, "distill-forkserver"])
             .arg(libc::SYS_mount_setattr.to_string())
             .arg(bootstrap)
+            .arg(libc::SYS_landlock_add_rule.to_string())
+            .arg(libc::SYS_landlock_restrict_self.to_string())
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", "/")
@@ -261,12 +265,14 @@ pub(crate) fn run(
     config: &SandboxConfig,
     python: &Path,
     plan: Plan,
+    read: &ReadSet,
     req: &RunRequest<'_>,
 ) -> Result<RunOutcome, ForkError> {
     use super::runner::{marshal_spec, SpecValue, BOOTSTRAP};
     let run_err =
         |what: &str, e: io::Error| ForkError::Run(CodeCheckError::Sandbox(format!("{what}: {e}")));
-    let work = prepare_workdir(config, plan).map_err(ForkError::Run)?;
+    let mut work = prepare_workdir(config, plan, read).map_err(ForkError::Run)?;
+    let ruleset = work.ruleset.take();
     let (stdin_r, stdin_w) = pipe().map_err(|e| run_err("pipe", e))?;
     let (stdout_r, stdout_w) = pipe().map_err(|e| run_err("pipe", e))?;
     let (stderr_r, stderr_w) = pipe().map_err(|e| run_err("pipe", e))?;
@@ -279,6 +285,13 @@ pub(crate) fn run(
     // SAFETY: trivial libc getters.
     let (outer_uid, outer_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let bit = |b: bool| if b { "1" } else { "0" }.to_string();
+    // The child's own Landlock rules, as `access NUL path NUL ...`.
+    let rules = work
+        .child_rules
+        .iter()
+        .flat_map(|r| [r.access.to_string(), r.path.to_string_lossy().into_owned()])
+        .collect::<Vec<_>>()
+        .join("\0");
     let workdir = String::from_utf8_lossy(work.dir.path().as_os_str().as_bytes()).into_owned();
     cstring(workdir.as_bytes()).map_err(ForkError::Run)?;
     let fields = [
@@ -288,6 +301,9 @@ pub(crate) fn run(
         ("mount", bit(plan.mount_ns)),
         ("drop_uid", bit(plan.drop_uid)),
         ("user_ns", bit(plan.user_ns)),
+        ("pid_ns", bit(plan.pid_ns)),
+        ("landlock", bit(plan.landlock)),
+        ("rules", rules),
         ("uid_map", format!("{outer_uid} {outer_uid} 1")),
         ("gid_map", format!("{outer_gid} {outer_gid} 1")),
         ("uid", work.uid.to_string()),
@@ -313,7 +329,7 @@ pub(crate) fn run(
         .map_err(|e| ForkError::Unusable(format!("starting the fork server: {e}")))?;
     let first = server.runs == 0;
     let start = Instant::now();
-    let child_fds = [
+    let mut child_fds = vec![
         stdin_r.as_raw_fd(),
         stdout_w.as_raw_fd(),
         stderr_w.as_raw_fd(),
@@ -322,6 +338,7 @@ pub(crate) fn run(
         result_w.as_raw_fd(),
         sync_w.as_raw_fd(),
     ];
+    child_fds.extend(ruleset.as_ref().map(|fd| fd.as_raw_fd()));
     let lost = |what: String| {
         if first {
             ForkError::Unusable(what)
@@ -334,7 +351,7 @@ pub(crate) fn run(
         return Err(lost(format!("sending a job to the fork server: {e}")));
     }
     drop((
-        stdin_r, stdout_w, stderr_w, spec_r, nonce_r, result_w, sync_w,
+        stdin_r, stdout_w, stderr_w, spec_r, nonce_r, result_w, sync_w, ruleset,
     ));
 
     let reply = server.recv(Duration::from_secs(30));

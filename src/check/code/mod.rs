@@ -35,6 +35,7 @@
 //! assert!(results[0].passed());
 //! ```
 
+mod confine;
 mod forkserver;
 mod runner;
 mod sandbox;

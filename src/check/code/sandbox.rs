@@ -5,7 +5,10 @@
 //! (`setrlimit`), and, where the kernel and our privileges allow it, moved into new
 //! network / IPC / mount namespaces with a read-only view of the file system, a
 //! private size-limited `tmpfs` working directory, and an unprivileged uid of its own
-//! (so `RLIMIT_NPROC` is enforced and every leftover process can be killed by uid).
+//! (so `RLIMIT_NPROC` is enforced and every leftover process can be killed by uid). The
+//! program runs as the first process of its own PID namespace, with its own `/proc`, and
+//! under a Landlock ruleset that lets it read only the interpreter's files, a few devices
+//! and its working directory (see `confine.rs`).
 //!
 //! Which of these mechanisms can be used is decided once per interpreter by a
 //! *probe*: candidate plans, strongest first, are tried by starting the interpreter
@@ -23,11 +26,12 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::confine::{self, ReadSet};
 use super::CodeCheckError;
 
 /// Limits and knobs for the sandboxed child processes.
@@ -83,6 +87,11 @@ pub struct SandboxConfig {
     /// interpreter's start-up cost. Falls back to one interpreter per program
     /// when the server's children cannot set up the sandbox.
     pub fork_server: bool,
+    /// Extra files or directories a program may read (and list) besides the
+    /// interpreter's own files and its working directory, for tests that open
+    /// data files. Nothing else outside the working directory is readable where
+    /// Landlock is available (see [`Isolation::read_confined`]).
+    pub allow_read: Vec<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -102,6 +111,7 @@ impl Default for SandboxConfig {
             require_network_isolation: false,
             sandbox_uid_base: 1_600_000_000,
             fork_server: true,
+            allow_read: Vec::new(),
         }
     }
 }
@@ -155,6 +165,15 @@ pub struct Isolation {
     /// steps above were taken in that child all the same.
     #[serde(default)]
     pub fork_server: bool,
+    /// Landlock confined the program: it could read and list only the
+    /// interpreter's own files, a few devices and its working directory (see
+    /// `confine.rs`), and could open no TCP connection.
+    #[serde(default)]
+    pub read_confined: bool,
+    /// The program ran in its own PID namespace with its own `/proc`: it saw
+    /// only its own processes and could signal no other.
+    #[serde(default)]
+    pub pid_namespace: bool,
 }
 
 /// One candidate combination of isolation steps.
@@ -165,6 +184,10 @@ pub(crate) struct Plan {
     pub ipc_ns: bool,
     pub mount_ns: bool,
     pub drop_uid: bool,
+    /// A PID namespace with a fresh `/proc` (needs `mount_ns`).
+    pub pid_ns: bool,
+    /// Landlock read confinement.
+    pub landlock: bool,
 }
 
 impl Plan {
@@ -174,15 +197,38 @@ impl Plan {
         ipc_ns: false,
         mount_ns: false,
         drop_uid: false,
+        pid_ns: false,
+        landlock: false,
     };
 
+    /// Plans to try, strongest first: each namespace and uid combination with
+    /// read confinement and a PID namespace, then with either, then with
+    /// neither.
     fn candidates(is_root: bool) -> Vec<Plan> {
+        Self::base_candidates(is_root)
+            .into_iter()
+            .flat_map(|base| {
+                [(true, true), (false, true), (true, false), (false, false)]
+                    .into_iter()
+                    .filter(move |&(pid_ns, _)| !pid_ns || base.mount_ns)
+                    .map(move |(pid_ns, landlock)| Plan {
+                        pid_ns,
+                        landlock,
+                        ..base
+                    })
+            })
+            .collect()
+    }
+
+    fn base_candidates(is_root: bool) -> Vec<Plan> {
         let p = |user_ns, net_ns, ipc_ns, mount_ns, drop_uid| Plan {
             user_ns,
             net_ns,
             ipc_ns,
             mount_ns,
             drop_uid,
+            pid_ns: false,
+            landlock: false,
         };
         if is_root {
             vec![
@@ -209,6 +255,7 @@ impl Plan {
             | flag(self.ipc_ns, libc::CLONE_NEWIPC)
             | flag(self.mount_ns, libc::CLONE_NEWNS)
             | flag(self.user_ns, libc::CLONE_NEWUSER)
+            | flag(self.pid_ns, libc::CLONE_NEWPID)
     }
 
     pub(crate) fn isolation(&self) -> Isolation {
@@ -226,6 +273,8 @@ impl Plan {
             dropped_uid: self.drop_uid,
             no_new_privs: true,
             fork_server: false,
+            read_confined: self.landlock,
+            pid_namespace: self.pid_ns,
         }
     }
 }
@@ -240,11 +289,13 @@ pub struct Sandbox {
     python: PathBuf,
     /// `sys.path` of the interpreter with the `site` module enabled.
     site_path: Vec<String>,
+    /// What a confined program may read (see `confine.rs`).
+    read: Arc<ReadSet>,
     plan: Plan,
 }
 
 static PLAN_CACHE: OnceLock<Mutex<HashMap<PathBuf, Plan>>> = OnceLock::new();
-type Resolved = (PathBuf, Vec<String>);
+type Resolved = (PathBuf, Vec<String>, Arc<ReadSet>);
 static PYTHON_CACHE: OnceLock<Mutex<HashMap<Option<PathBuf>, Resolved>>> = OnceLock::new();
 static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -259,7 +310,7 @@ impl Sandbox {
             .lock()
             .ok()
             .and_then(|m| m.get(&config.python).cloned());
-        let (python, site_path) = match known {
+        let (python, site_path, read) = match known {
             Some(p) => p,
             None => {
                 let p = resolve_python(config.python.as_deref())?;
@@ -274,17 +325,20 @@ impl Sandbox {
         let plan = match cached {
             Some(plan) => plan,
             None => {
-                let plan = probe_plan(&config, &python)?;
+                let plan = probe_plan(&config, &python, &read)?;
                 if let Ok(mut m) = cache.lock() {
                     m.insert(python.clone(), plan);
                 }
                 plan
             }
         };
+        let mut config = config;
+        config.allow_read = confine::canonical_allow_read(&config.allow_read)?;
         let sandbox = Self {
             config,
             python,
             site_path,
+            read,
             plan,
         };
         if sandbox.config.require_network_isolation && !plan.net_ns {
@@ -320,13 +374,13 @@ impl Sandbox {
     pub(crate) fn run(&self, req: &RunRequest<'_>) -> Result<RunOutcome, CodeCheckError> {
         use super::forkserver::{self, ForkError};
         if self.config.fork_server && !forkserver::known_unusable(&self.python, self.plan) {
-            match forkserver::run(&self.config, &self.python, self.plan, req) {
+            match forkserver::run(&self.config, &self.python, self.plan, &self.read, req) {
                 Ok(out) => return Ok(out),
                 Err(ForkError::Run(e)) => return Err(e),
                 Err(ForkError::Unusable(why)) => forkserver::give_up(&self.python, self.plan, &why),
             }
         }
-        run_with_plan(&self.config, &self.python, self.plan, req)
+        run_with_plan(&self.config, &self.python, self.plan, &self.read, req)
     }
 }
 
@@ -387,13 +441,18 @@ fn resolve_python(configured: Option<&Path>) -> Result<Resolved, CodeCheckError>
     }
     let mut parts = out.stdout.split(|&b| b == 0);
     let executable = PathBuf::from(std::ffi::OsStr::from_bytes(parts.next().unwrap_or(b"")));
-    let site_path = parts
+    let site_path: Vec<String> = parts
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .collect();
-    Ok((executable, site_path))
+    let read = ReadSet::for_interpreter(&executable, &site_path)?;
+    Ok((executable, site_path, Arc::new(read)))
 }
 
-fn probe_plan(config: &SandboxConfig, python: &Path) -> Result<Plan, CodeCheckError> {
+fn probe_plan(
+    config: &SandboxConfig,
+    python: &Path,
+    read: &ReadSet,
+) -> Result<Plan, CodeCheckError> {
     let is_root = unsafe { libc::geteuid() } == 0;
     let mut probe_cfg = config.clone();
     probe_cfg.wall_timeout = Duration::from_secs(20);
@@ -412,7 +471,7 @@ fn probe_plan(config: &SandboxConfig, python: &Path) -> Result<Plan, CodeCheckEr
             nonce: b"ok",
             stdout_cap: 4096,
         };
-        match run_with_plan(&probe_cfg, python, plan, &req) {
+        match run_with_plan(&probe_cfg, python, plan, read, &req) {
             Ok(out) if out.exit_code == Some(0) && out.result == b"ok" => return Ok(plan),
             Ok(out) => {
                 last = format!(
@@ -472,6 +531,10 @@ struct ChildSetup {
     nofile: u64,
     /// (source, target) descriptor pairs to install as fds 3.. in the child.
     fds: [(RawFd, RawFd); 3],
+    /// The run's Landlock ruleset (`-1` when the plan has none).
+    ruleset: RawFd,
+    /// Rules the child adds to the ruleset after its mounts.
+    child_rules: Vec<confine::ChildRule>,
 }
 
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
@@ -542,6 +605,10 @@ impl ChildSetup {
                 write_file(b"/proc/self/uid_map\0", &self.uid_map)?;
                 write_file(b"/proc/self/gid_map\0", &self.gid_map)?;
             }
+            if self.plan.pid_ns {
+                // Only this process's children enter the new PID namespace.
+                enter_pid_namespace()?;
+            }
             if self.plan.mount_ns {
                 check(libc::mount(
                     std::ptr::null(),
@@ -571,11 +638,17 @@ impl ChildSetup {
                     libc::MS_NOSUID | libc::MS_NODEV,
                     self.tmpfs_opts.as_ptr().cast(),
                 ) as libc::c_long)?;
+                if self.plan.pid_ns {
+                    mount_own_proc()?;
+                }
             }
             check(libc::chdir(self.workdir.as_ptr()) as libc::c_long)?;
 
             let cpu = self.cpu_secs.max(1);
-            set_limit(libc::RLIMIT_CPU, cpu, cpu + 1)?;
+            // The first process of a PID namespace ignores SIGXCPU (the soft limit's
+            // signal), so there the hard limit (SIGKILL) is the limit.
+            let hard = if self.plan.pid_ns { cpu } else { cpu + 1 };
+            set_limit(libc::RLIMIT_CPU, cpu, hard)?;
             set_limit(libc::RLIMIT_AS, self.memory, self.memory)?;
             set_limit(libc::RLIMIT_FSIZE, self.fsize, self.fsize)?;
             set_limit(libc::RLIMIT_NOFILE, self.nofile, self.nofile)?;
@@ -604,6 +677,12 @@ impl ChildSetup {
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
             // Set after any uid change, which clears it.
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
+            if self.plan.landlock {
+                for rule in &self.child_rules {
+                    confine::add_child_rule(self.ruleset, rule)?;
+                }
+                confine::restrict_self(self.ruleset)?;
+            }
 
             // Move the channel descriptors out of the way first so that
             // installing one target cannot clobber another source.
@@ -619,6 +698,70 @@ impl ChildSetup {
         }
         Ok(())
     }
+}
+
+/// Forks so that the program runs as the first process of the PID namespace
+/// just created by `unshare`; the caller stays outside, waits for it and ends
+/// the way it ended (same exit code or same signal), so the process distill
+/// waits for reports the program's status and, through `wait4`, its CPU time.
+///
+/// The waiting process closes every descriptor (its copies of the program's
+/// pipes and of the channel that reports a failed `exec` to distill, which
+/// would otherwise stay open until the program ends) and dies with distill.
+/// When it dies the program (the namespace's init) is killed, and with it
+/// every process left in the namespace.
+///
+/// # Safety
+/// Called between `fork` and `exec`: only raw system calls.
+unsafe fn enter_pid_namespace() -> io::Result<()> {
+    check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) as libc::c_long)?;
+    // A program killed by a signal that dumps core must not make the waiting
+    // process (a copy of distill) dump one when it re-raises that signal.
+    set_limit(libc::RLIMIT_CORE, 0, 0)?;
+    let pid = libc::fork();
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        return Ok(());
+    }
+    libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+    let mut status = 0;
+    loop {
+        let r = libc::waitpid(pid, &mut status, 0);
+        if r == pid {
+            break;
+        }
+        if r < 0 && *libc::__errno_location() != libc::EINTR {
+            libc::_exit(127);
+        }
+    }
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::kill(libc::getpid(), sig);
+        libc::_exit(128 + sig);
+    }
+    libc::_exit(libc::WEXITSTATUS(status));
+}
+
+/// Mounts a `/proc` of the current PID namespace over the host's, read-only,
+/// so the program sees only its own processes.
+///
+/// # Safety
+/// Called between `fork` and `exec`: only raw system calls.
+unsafe fn mount_own_proc() -> io::Result<()> {
+    check(libc::mount(
+        c"proc".as_ptr(),
+        c"/proc".as_ptr(),
+        c"proc".as_ptr(),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+        std::ptr::null(),
+    ) as libc::c_long)
 }
 
 fn next_uid(base: u32) -> u32 {
@@ -906,12 +1049,17 @@ pub(crate) struct Workdir {
     pub gid: u32,
     /// Mount options of the private tmpfs mounted over `dir`.
     pub tmpfs_opts: String,
+    /// The run's Landlock ruleset, when the plan confines reads.
+    pub ruleset: Option<OwnedFd>,
+    /// What the child adds to the ruleset after its mounts (see [`confine::ChildRule`]).
+    pub child_rules: Vec<confine::ChildRule>,
 }
 
 /// Create the working directory of one run and pick its uid.
 pub(crate) fn prepare_workdir(
     config: &SandboxConfig,
     plan: Plan,
+    read: &ReadSet,
 ) -> Result<Workdir, CodeCheckError> {
     let sandbox_err = |what: &str, e: io::Error| CodeCheckError::Sandbox(format!("{what}: {e}"));
     let root = config.temp_root.clone().unwrap_or_else(std::env::temp_dir);
@@ -935,11 +1083,21 @@ pub(crate) fn prepare_workdir(
         "size={},mode=0700,uid={uid},gid={gid}",
         config.workdir_size_bytes.max(1 << 20)
     );
+    let (ruleset, child_rules) = if plan.landlock {
+        (
+            Some(confine::ruleset(read)?),
+            confine::child_rules(dir.path(), &config.allow_read)?,
+        )
+    } else {
+        (None, Vec::new())
+    };
     Ok(Workdir {
         dir,
         uid,
         gid,
         tmpfs_opts,
+        ruleset,
+        child_rules,
     })
 }
 
@@ -947,6 +1105,7 @@ fn run_with_plan(
     config: &SandboxConfig,
     python: &Path,
     plan: Plan,
+    read: &ReadSet,
     req: &RunRequest<'_>,
 ) -> Result<RunOutcome, CodeCheckError> {
     let sandbox_err = |what: &str, e: io::Error| CodeCheckError::Sandbox(format!("{what}: {e}"));
@@ -955,7 +1114,9 @@ fn run_with_plan(
         uid,
         gid,
         tmpfs_opts,
-    } = prepare_workdir(config, plan)?;
+        ruleset,
+        child_rules,
+    } = prepare_workdir(config, plan, read)?;
     // SAFETY: trivial libc getters.
     let (outer_uid, outer_gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let workdir_c = cstring(workdir.path().as_os_str().as_bytes())?;
@@ -986,6 +1147,8 @@ fn run_with_plan(
             (nonce_r.as_raw_fd(), 4),
             (result_w.as_raw_fd(), 5),
         ],
+        ruleset: ruleset.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        child_rules,
     };
     let home = workdir.path().as_os_str().to_owned();
     let mut cmd = Command::new(python);
@@ -1010,7 +1173,7 @@ fn run_with_plan(
     let start = Instant::now();
     let child = cmd.spawn();
     drop(cmd); // closes the child's ends of stdin/stdout/stderr
-    drop((spec_r, nonce_r, result_w));
+    drop((spec_r, nonce_r, result_w, ruleset));
     let child = child.map_err(|e| sandbox_err("starting the sandboxed interpreter", e))?;
     let pid = child.id() as libc::pid_t;
     let own_ns = net_ns_inode(std::process::id() as libc::pid_t);
