@@ -42,6 +42,9 @@ pub enum Command {
     Train(TrainArgs),
     /// Fold a PEFT adapter into its base model and write a Hugging Face directory.
     Merge(MergeArgs),
+    /// Write the student as a GGUF file (f16 or quantized), or the kept traces in the format
+    /// of TRL, LLaMA-Factory (ShareGPT) or axolotl.
+    Export(ExportArgs),
     /// Run the whole pipeline from a config: generate, filter, train, eval before and after.
     Run(crate::run::RunArgs),
     /// Evaluate a model on a problem set with the filter's checkers (pass@k, maj@k, 95%
@@ -272,6 +275,48 @@ pub struct MergeArgs {
     /// Store weights as bf16 (half the size) instead of as loaded.
     #[arg(long)]
     pub bf16: bool,
+}
+
+/// What `distill export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// The model (with `--adapter` merged) as one GGUF file, quantized per `--quant`.
+    Gguf,
+    /// Traces for TRL's SFTTrainer (`messages`).
+    Trl,
+    /// Traces for LLaMA-Factory (ShareGPT `conversations`, plus `dataset_info.json`).
+    Sharegpt,
+    /// Traces for axolotl (`type: chat_template`, plus the YAML lines).
+    Axolotl,
+}
+
+/// Flags of `distill export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// What to write.
+    #[arg(long, value_enum)]
+    pub format: ExportFormat,
+    /// GGUF: the base model (Hugging Face directory or GGUF). Traces: optional, its chat
+    /// template renders each exported record to check it matches what `distill train` trains on.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// GGUF: the LoRA adapter from `distill train`, merged before quantizing.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// GGUF: the tensor types (llama.cpp's names).
+    #[arg(long, value_enum, default_value = "q8_0")]
+    pub quant: crate::export::GgufQuant,
+    /// GGUF: held-out text (paragraphs separated by blank lines) on which to report the
+    /// per-token KL of the exported model to the model it was made from, and how often their
+    /// top tokens agree.
+    #[arg(long, value_name = "FILE")]
+    pub kl_text: Option<PathBuf>,
+    /// Traces: the kept traces (`kept.jsonl` of a filter run).
+    #[arg(long)]
+    pub traces: Option<PathBuf>,
+    /// The file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Which checker `distill check` runs.
@@ -508,6 +553,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             );
             Ok(Outcome::default())
         }
+        Command::Export(a) => export_cmd(a),
         Command::Audit(a) => {
             let run = crate::audit::load_run(&a.run_dir)?;
             let text = crate::audit::terminal_summary(&run);
@@ -540,6 +586,89 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::default())
         }
     }
+}
+
+fn export_cmd(a: ExportArgs) -> anyhow::Result<Outcome> {
+    use crate::export::{self, TraceFormat};
+    let format = match a.format {
+        ExportFormat::Gguf => {
+            let Some(model) = a.model.as_deref() else {
+                bail!("--format gguf needs --model (the base model)");
+            };
+            let started = std::time::Instant::now();
+            let r = export::export_model(model, a.adapter.as_deref(), a.quant, &a.out)?;
+            let types: Vec<String> = r.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            eprintln!(
+                "export: wrote {} ({}, {:.1} MB, {} tensors: {}; {:.2} bits per parameter) in {:.1}s",
+                r.path.display(),
+                a.quant.name(),
+                r.file_bytes as f64 / 1e6,
+                r.tensors,
+                types.join(", "),
+                r.file_bytes as f64 * 8.0 / r.parameters.max(1) as f64,
+                started.elapsed().as_secs_f64()
+            );
+            if let Some(file) = &a.kl_text {
+                let text =
+                    std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+                let texts: Vec<String> = text
+                    .split("\n\n")
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                let f = export::fidelity::compare(model, a.adapter.as_deref(), &r.path, &texts)?;
+                eprintln!(
+                    "export: against the f32 model on {} tokens of {}: mean KL {:.5} nats/token, max {:.4}, top-1 agreement {:.1}%",
+                    f.tokens,
+                    file.display(),
+                    f.mean_kl,
+                    f.max_kl,
+                    100.0 * f.top1_agreement
+                );
+            }
+            return Ok(Outcome::default());
+        }
+        ExportFormat::Trl => TraceFormat::Trl,
+        ExportFormat::Sharegpt => TraceFormat::Sharegpt,
+        ExportFormat::Axolotl => TraceFormat::Axolotl,
+    };
+    let Some(traces) = a.traces.as_deref() else {
+        bail!("--format {} needs --traces (kept.jsonl)", format.name());
+    };
+    let r = export::traces::export_traces(traces, format, &a.out)?;
+    let renderer = match a.model.as_deref() {
+        Some(m) => {
+            let base = crate::model::load::BaseModel::load(m, &candle_core::Device::Cpu)?;
+            Some(crate::train::data::ChatRenderer::new(base.tokenizer, None)?)
+        }
+        None => None,
+    };
+    let v = export::traces::verify(traces, &a.out, format, renderer.as_ref())?;
+    eprintln!(
+        "export: wrote {} records to {} ({} failed samples skipped) and {}",
+        r.records,
+        r.path.display(),
+        r.skipped,
+        r.config.display()
+    );
+    if !v.mismatches.is_empty() {
+        bail!(
+            "the export does not read back as the traces: {}",
+            v.mismatches.join("; ")
+        );
+    }
+    eprintln!(
+        "export: read back as {} would, all {} records hold the conversation distill trains on{}",
+        format.name(),
+        v.records,
+        if v.rendered {
+            " and render to the same training text"
+        } else {
+            " (give --model to compare the rendered text too)"
+        }
+    );
+    Ok(Outcome::default())
 }
 
 async fn eval_cmd(a: EvalArgs) -> anyhow::Result<Outcome> {

@@ -22,6 +22,8 @@
 //!   HTML report.
 //! - [`eval`]: generation plus grading on a problem set (pass@k, maj@k, intervals) and the
 //!   paired comparison of two evaluations.
+//! - [`export`]: the student as a GGUF file (f16, q8_0, q4_0, q4_k_m) and the kept traces in
+//!   TRL, ShareGPT and axolotl formats.
 //! - [`model`]: the candle student (Llama, Qwen2) with LoRA, loaded from HF dirs or GGUF.
 //! - [`infer`]: the batched inference engine on the same model code (continuous batching, KV
 //!   cache, seeded sampling, teacher-forced scoring); the default local teacher.
@@ -38,6 +40,7 @@ pub mod check;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod export;
 pub mod fake_openai;
 pub mod filter;
 pub mod generate;
