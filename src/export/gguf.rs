@@ -537,7 +537,7 @@ mod tests {
         let q = GgufQuant::Q4KM;
         // Rows of 1536 take k-quants; rows of 576 fall back to Q5_0 (Q4_K) and Q8_0 (Q6_K).
         assert_eq!(
-            q.matrix_type("blk.5.ffn_down.weight", false, 30, 1536),
+            q.matrix_type("blk.6.ffn_down.weight", false, 30, 1536),
             GgmlDType::Q4K
         );
         assert_eq!(
