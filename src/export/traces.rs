@@ -139,6 +139,66 @@ pub fn read_record(
     }
 }
 
+/// Checks one record against the rules its tool applies when it loads a dataset:
+/// TRL's conversational test (a `messages` list of `role`/`content` string pairs), LLaMA-Factory's
+/// ShareGPT converter (turns alternate `human`/`gpt`, starting with `human`, an even count, the
+/// system prompt in its own column) and axolotl's `chat_template` (known roles, an assistant turn
+/// to train on).
+pub fn check_schema(format: TraceFormat, v: &Value) -> std::result::Result<(), String> {
+    match format {
+        TraceFormat::Trl | TraceFormat::Axolotl => {
+            let msgs = v
+                .get("messages")
+                .and_then(Value::as_array)
+                .ok_or("`messages` missing or not a list")?;
+            if msgs.is_empty() {
+                return Err("`messages` is empty".into());
+            }
+            for (i, m) in msgs.iter().enumerate() {
+                let role = m.get("role").and_then(Value::as_str);
+                let content = m.get("content").and_then(Value::as_str);
+                match (role, content) {
+                    (Some("system" | "user" | "assistant" | "tool"), Some(_)) => {}
+                    _ => {
+                        return Err(format!(
+                            "messages[{i}]: needs a known `role` and a string `content`"
+                        ))
+                    }
+                }
+            }
+            if msgs.last().and_then(|m| m["role"].as_str()) != Some("assistant") {
+                return Err("the last message is not the assistant's".into());
+            }
+            Ok(())
+        }
+        TraceFormat::Sharegpt => {
+            let turns = v
+                .get("conversations")
+                .and_then(Value::as_array)
+                .ok_or("`conversations` missing or not a list")?;
+            if turns.is_empty() || turns.len() % 2 != 0 {
+                return Err(format!(
+                    "{} turns: LLaMA-Factory needs human/gpt pairs",
+                    turns.len()
+                ));
+            }
+            for (i, t) in turns.iter().enumerate() {
+                let want = if i % 2 == 0 { "human" } else { "gpt" };
+                if t.get("from").and_then(Value::as_str) != Some(want) {
+                    return Err(format!("conversations[{i}]: `from` must be `{want}`"));
+                }
+                if !t.get("value").is_some_and(Value::is_string) {
+                    return Err(format!("conversations[{i}]: `value` is not a string"));
+                }
+            }
+            if v.get("system").is_some_and(|s| !s.is_string()) {
+                return Err("`system` is not a string".into());
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Writes the kept traces of `input` as `format` to `out` (atomically), plus the tool's
 /// configuration snippet beside it.
 pub fn export_traces(input: &Path, format: TraceFormat, out: &Path) -> Result<TraceExport> {
@@ -288,11 +348,13 @@ pub fn verify(
             line: i + 1,
             msg: e.to_string(),
         })?;
-        let messages = read_record(format, &value).map_err(|msg| ExportError::Record {
+        let record_err = |msg| ExportError::Record {
             path: export.to_path_buf(),
             line: i + 1,
             msg,
-        })?;
+        };
+        check_schema(format, &value).map_err(record_err)?;
+        let messages = read_record(format, &value).map_err(record_err)?;
         let same_messages = messages.len() == want.len()
             && messages
                 .iter()
