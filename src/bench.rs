@@ -246,6 +246,9 @@ pub struct EngineBenchArgs {
     /// GGUF file or Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
+    /// A LoRA adapter from `distill train`, folded in at load.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Sequences decoded together, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub seqs: Vec<usize>,
@@ -258,6 +261,12 @@ pub struct EngineBenchArgs {
     /// Skip mistral.rs (the peer measured in the same run).
     #[arg(long)]
     pub no_mistralrs: bool,
+    /// Decode rates only: skip the 512-token prompt, scoring and mistral.rs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// Peak and current resident memory of this process, in MB (`VmHWM`, `VmRSS`).
@@ -296,7 +305,8 @@ fn bench_prompts(e: &crate::infer::Engine, n: usize) -> anyhow::Result<Vec<Vec<u
 pub async fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
     use crate::infer::{BatchConfig, Engine, Request, SamplingParams, ScoreRequest};
     let t = Instant::now();
-    let e = Engine::load(&a.model, None)?;
+    let e = Engine::load(&a.model, a.adapter.as_deref())?;
+    let load_s = t.elapsed().as_secs_f64();
     let (hwm, _) = memory_mb();
     println!(
         "bench engine: {} ({} layers, hidden {}, vocab {}); load {:.1} s, weights {:.0} MB, peak RSS {hwm:.0} MB; {} rayon threads",
@@ -330,6 +340,7 @@ pub async fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
         "seqs", "prompt tok/s", "decode tok/s", "TTFT s", "KV MB", "peak RSS MB"
     );
     let mut candle_decode = Vec::new();
+    let mut rows = Vec::new();
     for &s in &a.seqs {
         let s = s.max(1);
         let reqs = |n: usize| -> Vec<Request> {
@@ -362,6 +373,24 @@ pub async fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
             prompt_tokens as f64 / prefill
         );
         candle_decode.push((s, decode));
+        rows.push(serde_json::json!({
+            "seqs": s, "prompt_tok_s": prompt_tokens as f64 / prefill, "decode_tok_s": decode,
+            "ttft_s": prefill, "kv_mb": kv, "peak_rss_mb": hwm,
+        }));
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "load_s": load_s,
+            "weights_mb": e.weights().bytes() as f64 / 1e6,
+            "threads": rayon::current_num_threads(),
+            "max_tokens": a.max_tokens,
+            "rows": rows,
+        });
+        crate::trace::write_atomically(path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    if a.quick {
+        return Ok(());
     }
     // One long prompt (llama.cpp's pp512).
     let long: Vec<u32> = prompts.iter().flatten().copied().take(512).collect();

@@ -520,6 +520,10 @@ pub enum BenchCommand {
     /// The batched candle engine: prompt/decode tokens/s at 1, 8, 32 sequences, scoring, and
     /// mistral.rs in the same run.
     Engine(crate::bench::EngineBenchArgs),
+    /// The deployment table: teacher, student f32 and quantized student exports side by side
+    /// (held-out accuracy, decode tokens/s at 1 and 32 sequences, time to first token, size,
+    /// peak memory).
+    Deploy(crate::eval::deploy::DeployArgs),
 }
 
 /// What a finished command reports to `main` for the exit code.
@@ -579,6 +583,16 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Bench(BenchCommand::Engine(a)) => {
             rt.block_on(crate::bench::engine(a))?;
+            Ok(Outcome::default())
+        }
+        Command::Bench(BenchCommand::Deploy(a)) => {
+            let rows = crate::eval::deploy::deploy(&a)?;
+            println!("{}", crate::eval::deploy::markdown(&rows).trim_end());
+            eprintln!(
+                "deploy: wrote {} and {}",
+                a.out_dir.join("deploy.json").display(),
+                a.out_dir.join("deploy.md").display()
+            );
             Ok(Outcome::default())
         }
         Command::Bench(BenchCommand::Local(a)) => {

@@ -51,13 +51,14 @@ pub struct RunArgs {
 }
 
 /// The stages, in order.
-const STAGES: [&str; 6] = [
+const STAGES: [&str; 7] = [
     "generate",
     "filter",
     "train",
     "eval-base",
     "eval-student",
     "compare",
+    "deploy",
 ];
 
 /// What `stages.json` records per stage.
@@ -349,6 +350,42 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         outputs: vec![out.join("compare.json")],
         resume_args: vec![],
     });
+    // The deployment table, when asked for: the student exported at each quantization and
+    // measured beside the teacher (when local) and the f32 student.
+    if cfg.contains_key("deploy") {
+        let dep = table(cfg, "deploy");
+        let dir = out.join("deploy");
+        let mut args = vec!["bench".to_string(), "deploy".to_string()];
+        args.extend(flags(&dep, file, "deploy")?);
+        let student_base = tr
+            .get("model")
+            .and_then(|v| v.as_str())
+            .or(model)
+            .map(str::to_string)
+            .unwrap_or_default();
+        args.extend([
+            "--model".into(),
+            student_base,
+            "--adapter".into(),
+            student.display().to_string(),
+            "--out-dir".into(),
+            dir.display().to_string(),
+        ]);
+        if let Some(t) = gen.get("model").and_then(|v| v.as_str()) {
+            if !dep.contains_key("teacher") && Path::new(t).exists() {
+                args.extend(["--teacher".into(), t.to_string()]);
+            }
+        }
+        args.push("--".into());
+        args.extend(flags(&ev, file, "eval")?);
+        stages.push(Stage {
+            name: "deploy",
+            fingerprint: stage_fingerprint("deploy", Some(&train_fp), &args, &dep, &["teacher"]),
+            args,
+            outputs: vec![dir],
+            resume_args: vec![],
+        });
+    }
     Ok(stages)
 }
 
@@ -369,9 +406,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
     let cfg: toml::Table =
         toml::from_str(&text).with_context(|| format!("{}: invalid TOML", a.config.display()))?;
     for k in cfg.keys() {
-        if !["out_dir", "model", "generate", "filter", "train", "eval"].contains(&k.as_str()) {
+        if ![
+            "out_dir", "model", "generate", "filter", "train", "eval", "deploy",
+        ]
+        .contains(&k.as_str())
+        {
             bail!(
-                "{}: unknown key `{k}` (expected out_dir, model, [generate], [filter], [train], [eval])",
+                "{}: unknown key `{k}` (expected out_dir, model, [generate], [filter], [train], [eval], [deploy])",
                 a.config.display()
             );
         }
@@ -595,7 +636,14 @@ fn report(out: &Path, recs: &BTreeMap<String, StageRecord>) -> String {
         "base": summary("eval-base"),
         "student": summary("eval-student"),
         "compare": cmp,
+        "deploy": read_json(&out.join("deploy").join("deploy.json")),
     });
+    if let Ok(md) = std::fs::read_to_string(out.join("deploy").join("deploy.md")) {
+        s.push_str("  deployment:\n");
+        for line in md.lines() {
+            s.push_str(&format!("  {line}\n"));
+        }
+    }
     // The audit report of the kept traces, extended with what they led to. A convenience: a
     // failure to write it must not fail the run.
     let filtered = out.join("filtered");

@@ -370,6 +370,25 @@ fn outcome_section(v: &serde_json::Value) -> String {
             pts.join(" ")
         );
     }
+    if let Some(rows) = v["deploy"].as_array() {
+        o.push_str(r#"<h3>Deployment: teacher and student, f32 and quantized</h3><table><tr><th>model</th><th>pass@1</th><th>95% interval</th><th>decode tok/s, 1 seq</th><th>decode tok/s, 32 seqs</th><th>time to first token</th><th>size</th><th>peak RSS</th></tr>"#);
+        for r in rows {
+            let _ = write!(
+                o,
+                "<tr><td>{}</td><td>{:.1}%</td><td>[{:.1}, {:.1}]</td><td>{:.1}</td><td>{:.1}</td><td>{:.0} ms</td><td>{:.1} MB</td><td>{:.0} MB</td></tr>",
+                esc(r["label"].as_str().unwrap_or("")),
+                100.0 * f(&r["pass_at_1"]),
+                100.0 * f(&r["ci95"][0]),
+                100.0 * f(&r["ci95"][1]),
+                f(&r["decode_tok_s"][0]),
+                f(&r["decode_tok_s"][1]),
+                1000.0 * f(&r["ttft_s"]),
+                f(&r["bytes"]) / 1e6,
+                f(&r["peak_rss_mb"])
+            );
+        }
+        o.push_str("</table>");
+    }
     o.push_str("</section>\n");
     o
 }
@@ -640,6 +659,20 @@ mod tests {
         }
         let back: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn the_outcome_shows_the_deployment_table_escaped() {
+        let v = serde_json::json!({
+            "deploy": [
+                {"label": "student <q8_0>", "pass_at_1": 0.25, "ci95": [0.2, 0.3],
+                 "decode_tok_s": [12.5, 230.0], "ttft_s": 0.05, "bytes": 144_800_000u64,
+                 "peak_rss_mb": 700.0}
+            ]
+        });
+        let html = outcome_section(&v);
+        assert!(html.contains("Deployment: teacher and student"), "{html}");
+        assert!(html.contains("<td>student &lt;q8_0&gt;</td><td>25.0%</td><td>[20.0, 30.0]</td><td>12.5</td><td>230.0</td><td>50 ms</td><td>144.8 MB</td><td>700 MB</td>"), "{html}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! [`compare`] pairs two evaluations over their shared problems: the change in pass@1 with a
 //! 95% interval, a paired permutation test, and the problems won and lost.
 
+pub mod deploy;
 pub mod stats;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
