@@ -249,6 +249,9 @@ pub struct EngineBenchArgs {
     /// A LoRA adapter from `distill train`, folded in at load.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// How the engine holds its weights (`f32` or `q8_0`).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub weights: crate::infer::WeightFormat,
     /// Sequences decoded together, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub seqs: Vec<usize>,
@@ -305,16 +308,18 @@ fn bench_prompts(e: &crate::infer::Engine, n: usize) -> anyhow::Result<Vec<Vec<u
 pub async fn engine(a: EngineBenchArgs) -> anyhow::Result<()> {
     use crate::infer::{BatchConfig, Engine, Request, SamplingParams, ScoreRequest};
     let t = Instant::now();
-    let e = Engine::load(&a.model, a.adapter.as_deref())?;
+    let mut e = Engine::load(&a.model, a.adapter.as_deref())?;
+    e.set_weight_format(a.weights);
     let load_s = t.elapsed().as_secs_f64();
     let (hwm, _) = memory_mb();
     println!(
-        "bench engine: {} ({} layers, hidden {}, vocab {}); load {:.1} s, weights {:.0} MB, peak RSS {hwm:.0} MB; {} rayon threads",
+        "bench engine: {} ({} layers, hidden {}, vocab {}); load {:.1} s, {} weights {:.0} MB, peak RSS {hwm:.0} MB; {} rayon threads",
         a.model.display(),
         e.weights().dims().layers,
         e.weights().dims().hidden,
         e.weights().dims().vocab,
-        t.elapsed().as_secs_f64(),
+        load_s,
+        a.weights.name(),
         e.weights().bytes() as f64 / 1e6,
         rayon::current_num_threads()
     );

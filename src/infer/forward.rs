@@ -21,7 +21,9 @@
 
 use rayon::prelude::*;
 
-use super::weights::{Dims, LayerWeights, Weights};
+use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+
+use super::weights::{quantize_rows, Dims, LayerWeights, Matrix, Weights};
 use crate::model::gemm::{pool_threads, sgemm, Mat};
 use crate::model::ops::{dot, norm_rows, rope_rows, sigmoid, softmax_in_place};
 use crate::model::push_rope_row;
@@ -97,9 +99,62 @@ pub struct StepOutput {
     pub hidden: Vec<Vec<f32>>,
 }
 
-/// `y (m x n) = x (m x k) W^T (+ bias) (+ y when accumulate)`, W `(n, k)` row-major.
-/// One row is run as two (see the module docs).
-fn linear(x: &[f32], w: &[f32], k: usize, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+/// `y (m x n) = x (m x k) W^T (+ y when accumulate) (+ bias)`, W `(n, k)` row-major, in
+/// whichever format the engine holds it.
+fn linear(x: &[f32], w: &Matrix, k: usize, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+    match w {
+        Matrix::F32(w) => linear_f32(x, w, k, bias, y, accumulate),
+        Matrix::Q8_0(w) => linear_q8_0(x, w, k, bias, y, accumulate),
+    }
+}
+
+/// The Q8_0 product: each row of `x` quantized to Q8_0 blocks on its own, then every output
+/// an integer dot product of two block rows (candle's AVX2 `vec_dot`), so a row's outputs never
+/// depend on the other rows. Columns are split across threads in blocks, and within a block
+/// each weight row is read once and dotted with every activation row: the weights stream
+/// through memory once per step, however many sequences it holds.
+fn linear_q8_0(
+    x: &[f32],
+    w: &[BlockQ8_0],
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    accumulate: bool,
+) {
+    const COLS: usize = 32;
+    let kb = k / 32;
+    let n = w.len() / kb;
+    let m = x.len() / k;
+    let xq = quantize_rows(x, k);
+    // `t` is `(n, m)`: one column of outputs per weight row.
+    let mut t = vec![0f32; n * m];
+    t.par_chunks_mut(COLS * m)
+        .zip(w.par_chunks(COLS * kb))
+        .for_each(|(out, wb)| {
+            for (o, wr) in out.chunks_mut(m).zip(wb.chunks(kb)) {
+                for (v, xr) in o.iter_mut().zip(xq.chunks(kb)) {
+                    *v = BlockQ8_0::vec_dot(k, wr, xr);
+                }
+            }
+        });
+    y.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+        for (c, v) in row.iter_mut().enumerate() {
+            let dot = t[c * m + r];
+            let sum = if accumulate { *v + dot } else { dot };
+            *v = sum + bias.map_or(0.0, |b| b[c]);
+        }
+    });
+}
+
+/// The f32 product on the `gemm` kernels. One row is run as two (see the module docs).
+fn linear_f32(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    accumulate: bool,
+) {
     let n = w.len() / k;
     let m = x.len() / k;
     let beta = if accumulate { 1.0 } else { 0.0 };
@@ -311,7 +366,10 @@ pub fn forward(
             .chunks(BLOCK * h)
             .zip(out.logits.chunks_mut(BLOCK * dims.vocab))
         {
-            linear(xb, w.head(), h, None, lb, false);
+            match &w.head_q8 {
+                Some(q) => linear_q8_0(xb, q, h, None, lb, false),
+                None => linear_f32(xb, w.head(), h, None, lb, false),
+            }
         }
     }
     out

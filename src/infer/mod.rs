@@ -36,7 +36,7 @@ use crate::model::{ModelError, Student};
 
 pub use sampler::{SamplingParams, TokenLogprobs};
 pub use scheduler::{BatchConfig, Finished, Scheduler};
-pub use weights::{Dims, Weights};
+pub use weights::{Dims, WeightFormat, Weights};
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +276,11 @@ impl Engine {
             eos,
             source: source.to_path_buf(),
         }
+    }
+
+    /// Converts the projection matrices to `format` (see [`WeightFormat`]).
+    pub fn set_weight_format(&mut self, format: WeightFormat) {
+        self.weights.set_format(format);
     }
 
     /// Replaces the chat template (the prompt format of every later request).

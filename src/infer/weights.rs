@@ -8,7 +8,9 @@
 //! adapter and the merged model `distill merge` writes hold the same bits and decode the same
 //! tokens.
 
+use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use crate::model::lora::LoraLinear;
 use crate::model::{rope_inv_freq, Config, ModelError, Result, Student};
@@ -55,17 +57,88 @@ pub(crate) struct LayerWeights {
     pub eps1: f32,
     pub eps2: f32,
     /// `(qkv, hidden)`.
-    pub qkv: Vec<f32>,
+    pub qkv: Matrix,
     pub qkv_bias: Option<Vec<f32>>,
     /// `(hidden, q)`.
-    pub o: Vec<f32>,
+    pub o: Matrix,
     pub o_bias: Option<Vec<f32>>,
     /// `(2 inter, hidden)`: gate rows, then up rows.
-    pub gu: Vec<f32>,
+    pub gu: Matrix,
     pub gu_bias: Option<Vec<f32>>,
     /// `(hidden, inter)`.
-    pub down: Vec<f32>,
+    pub down: Matrix,
     pub down_bias: Option<Vec<f32>>,
+}
+
+/// How the engine holds its projection matrices.
+///
+/// `f32` is the trainer's arithmetic: scoring agrees with the training forward pass, and with
+/// many sequences per step the f32 GEMM kernels are compute-bound and fastest. `q8_0` stores
+/// each matrix (and the output projection) in llama.cpp's 8-bit blocks of 32 and quantizes each
+/// activation row the same way, as llama.cpp does: a quarter of the memory traffic per token,
+/// so one or a few sequences decode several times faster, at a small divergence from the f32
+/// model (README, "The inference engine"). Both keep every row independent of the others, so
+/// both are batch-invariant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum WeightFormat {
+    /// f32, as in training.
+    #[default]
+    #[value(name = "f32")]
+    #[serde(rename = "f32")]
+    F32,
+    /// 8-bit blocks of 32 (llama.cpp's Q8_0) for every projection and the output.
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl WeightFormat {
+    /// The name used in flags and records.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// A projection matrix `(n, k)`, row-major, in f32 or in Q8_0 blocks along `k`.
+#[derive(Debug, Clone)]
+pub enum Matrix {
+    /// Plain f32.
+    F32(Vec<f32>),
+    /// `n * k / 32` blocks.
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+impl Matrix {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Matrix::F32(v) => 4 * v.len(),
+            Matrix::Q8_0(b) => std::mem::size_of::<BlockQ8_0>() * b.len(),
+        }
+    }
+
+    /// This matrix (rows of `k`) in Q8_0; unchanged when `k` is not a multiple of 32.
+    fn to_q8_0(&self, k: usize) -> Matrix {
+        match self {
+            Matrix::F32(v) if k.is_multiple_of(32) && !v.is_empty() => {
+                Matrix::Q8_0(quantize_rows(v, k))
+            }
+            other => other.clone(),
+        }
+    }
+}
+
+/// Rows of `k` floats as Q8_0 blocks, each row on its own.
+pub(crate) fn quantize_rows(v: &[f32], k: usize) -> Vec<BlockQ8_0> {
+    let kb = k / 32;
+    let mut out = vec![BlockQ8_0::zeros(); v.len() / 32];
+    out.par_chunks_mut(kb)
+        .zip(v.par_chunks(k))
+        .for_each(|(q, row)| BlockQ8_0::from_float(row, q));
+    out
 }
 
 /// Every weight of a decoder, as flat row-major f32.
@@ -83,6 +156,9 @@ pub struct Weights {
     pub(crate) inv_freq: Vec<f64>,
     /// Positions the rotary tables were defined for.
     pub(crate) max_positions: usize,
+    /// The output projection in Q8_0 when the weights are (the embedding lookup stays f32).
+    pub(crate) head_q8: Option<Vec<BlockQ8_0>>,
+    pub(crate) format: WeightFormat,
 }
 
 fn flat(t: &Tensor) -> Result<Vec<f32>> {
@@ -154,6 +230,7 @@ impl Weights {
             qkv.extend(merged(v)?);
             let mut gu = merged(gate)?;
             gu.extend(merged(up)?);
+            let (qkv, gu) = (Matrix::F32(qkv), Matrix::F32(gu));
             out_layers.push(LayerWeights {
                 ln1: flat(r.input_norm.weight())?,
                 ln2: flat(r.post_attention_norm.weight())?,
@@ -161,11 +238,11 @@ impl Weights {
                 eps2: r.post_attention_norm.eps() as f32,
                 qkv,
                 qkv_bias: stacked_bias(&[q, k, v], &[dims.q(), dims.kv(), dims.kv()])?,
-                o: merged(o)?,
+                o: Matrix::F32(merged(o)?),
                 o_bias: stacked_bias(&[o], &[dims.hidden])?,
                 gu,
                 gu_bias: stacked_bias(&[gate, up], &[dims.inter, dims.inter])?,
-                down: merged(down)?,
+                down: Matrix::F32(merged(down)?),
                 down_bias: stacked_bias(&[down], &[dims.hidden])?,
             });
         }
@@ -183,7 +260,37 @@ impl Weights {
             lm_head,
             inv_freq: rope_inv_freq(cfg)?,
             max_positions: cfg.max_position_embeddings.max(1),
+            head_q8: None,
+            format: WeightFormat::F32,
         })
+    }
+
+    /// Converts these weights to `format` (from f32; the current format changes nothing).
+    pub fn set_format(&mut self, format: WeightFormat) {
+        if format == self.format {
+            return;
+        }
+        let d = self.dims;
+        match format {
+            WeightFormat::Q8_0 => {
+                for l in &mut self.layers {
+                    l.qkv = l.qkv.to_q8_0(d.hidden);
+                    l.o = l.o.to_q8_0(d.q());
+                    l.gu = l.gu.to_q8_0(d.hidden);
+                    l.down = l.down.to_q8_0(d.inter);
+                }
+                if d.hidden.is_multiple_of(32) {
+                    self.head_q8 = Some(quantize_rows(self.head(), d.hidden));
+                }
+            }
+            WeightFormat::F32 => unreachable!("weights are laid out in f32 first"),
+        }
+        self.format = format;
+    }
+
+    /// The format of the projection matrices.
+    pub fn format(&self) -> WeightFormat {
+        self.format
     }
 
     /// The decoder's sizes.
@@ -202,18 +309,24 @@ impl Weights {
             .layers
             .iter()
             .map(|l| {
-                l.qkv.len()
-                    + l.o.len()
-                    + l.gu.len()
-                    + l.down.len()
-                    + l.ln1.len()
-                    + l.ln2.len()
-                    + [&l.qkv_bias, &l.o_bias, &l.gu_bias, &l.down_bias]
-                        .iter()
-                        .map(|b| b.as_ref().map_or(0, Vec::len))
-                        .sum::<usize>()
+                l.qkv.bytes()
+                    + l.o.bytes()
+                    + l.gu.bytes()
+                    + l.down.bytes()
+                    + 4 * (l.ln1.len()
+                        + l.ln2.len()
+                        + [&l.qkv_bias, &l.o_bias, &l.gu_bias, &l.down_bias]
+                            .iter()
+                            .map(|b| b.as_ref().map_or(0, Vec::len))
+                            .sum::<usize>())
             })
             .sum();
-        4 * (layer + self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, Vec::len))
+        let head_q8 = self
+            .head_q8
+            .as_ref()
+            .map_or(0, |b| std::mem::size_of::<BlockQ8_0>() * b.len());
+        layer
+            + head_q8
+            + 4 * (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, Vec::len))
     }
 }

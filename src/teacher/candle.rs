@@ -30,6 +30,8 @@ pub struct CandleConfig {
     pub adapter: Option<PathBuf>,
     /// Chat template (a Jinja file, or the template itself) replacing the model's own.
     pub chat_template: Option<String>,
+    /// How the engine holds its weights.
+    pub weights: crate::infer::WeightFormat,
     /// Batching limits: sequences decoded together and the KV cache budget.
     pub batch: BatchConfig,
 }
@@ -92,6 +94,7 @@ impl CandleTeacher {
             source,
         };
         let mut engine = Engine::load(&cfg.model, cfg.adapter.as_deref()).map_err(err)?;
+        engine.set_weight_format(cfg.weights);
         if let Some(t) = &cfg.chat_template {
             let path = Path::new(t);
             let text = if path.is_file() {
@@ -117,11 +120,12 @@ impl CandleTeacher {
         let adapter_sha256 = cfg.adapter.as_deref().map(adapter_sha256).transpose()?;
         let d = engine.weights().dims();
         let description = format!(
-            "{} layers, hidden {}, vocab {}, {:.0} MB f32 weights; up to {} sequences, KV budget {} tokens ({:.0} MB)",
+            "{} layers, hidden {}, vocab {}, {:.0} MB {} weights; up to {} sequences, KV budget {} tokens ({:.0} MB)",
             d.layers,
             d.hidden,
             d.vocab,
             engine.weights().bytes() as f64 / 1e6,
+            cfg.weights.name(),
             cfg.batch.max_seqs,
             cfg.batch.max_batch_tokens,
             (cfg.batch.max_batch_tokens * engine.kv_bytes_per_token()) as f64 / 1e6
@@ -143,7 +147,11 @@ impl CandleTeacher {
                 model: cfg.model.display().to_string(),
                 file_sha256,
                 revision: None,
-                engine: Some("candle".into()),
+                // The weight format changes the samples, so it is part of the teacher's identity.
+                engine: Some(match cfg.weights {
+                    crate::infer::WeightFormat::F32 => "candle".into(),
+                    other => format!("candle-{}", other.name()),
+                }),
                 adapter_sha256,
                 license: None,
             },
