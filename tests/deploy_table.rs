@@ -3,34 +3,17 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use candle_core::Device;
 use common::{distill, stderr};
 use distill::model::load::BaseModel;
-use distill::model::lora::{self, LoraConfig};
 
 #[test]
 fn the_table_has_a_row_per_model_measured_on_the_same_problems() {
     let dev = Device::Cpu;
     let model = common::test_model();
     let base = BaseModel::from_gguf(&model, &dev).unwrap();
-    let vm = VarMap::new();
-    let lc = LoraConfig {
-        r: 4,
-        target_modules: vec!["q_proj".into(), "v_proj".into()],
-        ..Default::default()
-    };
-    base.student(Some((&vm, lc.clone())), DType::F32, &dev)
-        .unwrap();
-    for (name, var) in vm.data().lock().unwrap().iter() {
-        if name.contains(".lora_B.") {
-            var.set(&Tensor::randn(0f32, 0.01, var.shape(), &dev).unwrap())
-                .unwrap();
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let adapter = dir.path().join("adapter");
-    lora::save_adapter(&adapter, &vm, &lc).unwrap();
+    let adapter = common::random_adapter(&base, &["q_proj", "v_proj"], 0.01, dir.path());
     let problems = dir.path().join("held.jsonl");
     common::write_problems(&problems, 3);
     let out = dir.path().join("deploy");

@@ -12,13 +12,11 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
+use candle_core::Device;
 use common::{distill, read_lines, stderr};
 use distill::export::{self, GgufQuant};
 use distill::infer::{BatchConfig, Completion, Engine, Request, SamplingParams};
 use distill::model::load::BaseModel;
-use distill::model::lora::{self, LoraConfig};
 use distill::model::tokenizer::{ChatMessage, ChatTokenizer};
 
 const QUANTS: [GgufQuant; 4] = [
@@ -50,26 +48,9 @@ fn fixture() -> &'static Fixture {
         let dev = Device::Cpu;
         let model = common::test_model();
         let base = BaseModel::from_gguf(&model, &dev).unwrap();
-        let vm = VarMap::new();
-        let lc = LoraConfig {
-            r: 4,
-            target_modules: vec!["q_proj".into(), "k_proj".into(), "down_proj".into()],
-            ..Default::default()
-        };
-        base.student(Some((&vm, lc.clone())), DType::F32, &dev)
-            .unwrap();
-        {
-            let data = vm.data().lock().unwrap();
-            for (name, var) in data.iter() {
-                if name.contains(".lora_B.") {
-                    var.set(&Tensor::randn(0f32, 0.02, var.shape(), &dev).unwrap())
-                        .unwrap();
-                }
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
-        let adapter = dir.path().join("adapter");
-        lora::save_adapter(&adapter, &vm, &lc).unwrap();
+        let adapter =
+            common::random_adapter(&base, &["q_proj", "k_proj", "down_proj"], 0.02, dir.path());
         std::fs::write(
             adapter.join("README.md"),
             "---\nlicense: apache-2.0\n---\n\n# Distilled student\n\n- `teacher-x`: licence `apache-2.0`\n",

@@ -352,13 +352,7 @@ pub fn write_gguf(
         put(&format!("distill.{k}"), V::String(v.clone()));
     }
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ExportError::io(parent, e))?;
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(parent).map_err(|e| ExportError::io(parent, e))?;
+    let mut tmp = super::temp_beside(out)?;
     {
         let meta_refs: Vec<(&str, &gguf_file::Value)> =
             meta.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -69,6 +69,17 @@ impl ExportError {
     }
 }
 
+/// A temporary file in the directory of `out` (created if needed), to be moved into place
+/// with [`publish`] once complete, so a failed export leaves nothing behind.
+fn temp_beside(out: &Path) -> Result<tempfile::NamedTempFile, ExportError> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| ExportError::io(parent, e))?;
+    tempfile::NamedTempFile::new_in(parent).map_err(|e| ExportError::io(parent, e))
+}
+
 /// Moves a finished temporary file into place, readable by others as a normal file would be
 /// (temporary files are created private).
 fn publish(tmp: tempfile::NamedTempFile, out: &Path) -> Result<(), ExportError> {

@@ -203,13 +203,7 @@ pub fn check_schema(format: TraceFormat, v: &Value) -> std::result::Result<(), S
 /// configuration snippet beside it.
 pub fn export_traces(input: &Path, format: TraceFormat, out: &Path) -> Result<TraceExport> {
     let file = std::fs::File::open(input).map_err(|e| ExportError::io(input, e))?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ExportError::io(parent, e))?;
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(parent).map_err(|e| ExportError::io(parent, e))?;
+    let mut tmp = super::temp_beside(out)?;
     let (mut records, mut skipped) = (0, 0);
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());

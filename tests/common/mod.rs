@@ -57,3 +57,33 @@ pub fn test_model() -> PathBuf {
     );
     p
 }
+
+/// A LoRA adapter for `base` on `targets` with random `lora_B` (standard deviation `std`), so
+/// that it changes what the model says, saved under `dir`; returns its directory.
+pub fn random_adapter(
+    base: &distill::model::load::BaseModel,
+    targets: &[&str],
+    std: f32,
+    dir: &Path,
+) -> PathBuf {
+    use candle_core::{DType, Device, Tensor};
+    use distill::model::lora::{self, LoraConfig};
+    let dev = Device::Cpu;
+    let vm = candle_nn::VarMap::new();
+    let lc = LoraConfig {
+        r: 4,
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    base.student(Some((&vm, lc.clone())), DType::F32, &dev)
+        .unwrap();
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        if name.contains(".lora_B.") {
+            var.set(&Tensor::randn(0f32, std, var.shape(), &dev).unwrap())
+                .unwrap();
+        }
+    }
+    let out = dir.join("adapter");
+    lora::save_adapter(&out, &vm, &lc).unwrap();
+    out
+}
