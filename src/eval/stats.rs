@@ -56,7 +56,8 @@ pub fn wilson(successes: f64, n: f64) -> (f64, f64) {
     let denom = 1.0 + z2 / n;
     let centre = (p + z2 / (2.0 * n)) / denom;
     let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At p = 0 or 1 the bound equals p exactly; rounding may put it a hair on the wrong side.
+    ((centre - half).clamp(0.0, p), (centre + half).clamp(p, 1.0))
 }
 
 /// Mean of per-problem scores with a 95% interval: Wilson when every score is 0 or 1 (one
@@ -205,6 +206,13 @@ mod tests {
             (lo - 0.4902).abs() < 1e-3 && (hi - 0.9433).abs() < 1e-3,
             "{lo} {hi}"
         );
+        // None or all of them: the interval still holds the estimate, whatever the rounding.
+        for n in 1..=400 {
+            let n = f64::from(n);
+            let (lo, _) = wilson(0.0, n);
+            let (_, hi) = wilson(n, n);
+            assert_eq!((lo, hi), (0.0, 1.0), "n = {n}");
+        }
         let (m, (lo, hi)) = mean_ci95(&[1.0, 0.0, 1.0, 1.0]);
         assert!(close(m, 0.75) && lo < 0.75 && hi > 0.75 && hi <= 1.0);
     }
