@@ -376,8 +376,14 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
                 args.extend(["--teacher".into(), t.to_string()]);
             }
         }
+        // The [eval] flags without the model, adapter and output: `bench deploy` names each
+        // row's model and its output directory itself.
+        let mut row_eval = table(cfg, "eval");
+        for k in ["model", "adapter", "out_dir"] {
+            row_eval.remove(k);
+        }
         args.push("--".into());
-        args.extend(flags(&ev, file, "eval")?);
+        args.extend(flags(&row_eval, file, "eval")?);
         stages.push(Stage {
             name: "deploy",
             fingerprint: stage_fingerprint("deploy", Some(&train_fp), &args, &dep, &["teacher"]),

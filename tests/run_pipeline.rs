@@ -276,3 +276,78 @@ fn a_run_killed_mid_stage_resumes_that_stage() {
         after.iter().map(|t| t["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 12, "duplicated samples after resume");
 }
+
+#[test]
+fn a_deploy_table_lands_in_the_summary_and_the_report() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(FakeServer::start(FakeConfig::default()))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    common::write_problems(&p.join("train.jsonl"), 4);
+    common::write_problems(&p.join("held.jsonl"), 2);
+    let config = p.join("run.toml");
+    let text = format!(
+        r#"
+out_dir = "{out}"
+model = "{model}"
+[generate]
+teacher = "openai"
+base_url = ["{url}"]
+model = "fake-teacher"
+dataset = "{train}"
+n = 2
+max_tokens = 64
+quiet = true
+[filter]
+checker = "math"
+disable_rule = ["length"]
+[train]
+max_steps = 1
+batch_size = 2
+quiet = true
+[eval]
+dataset = "{held}"
+max_tokens = 4
+quiet = true
+[deploy]
+quant = ["q8_0"]
+speed_tokens = 4
+"#,
+        out = p.join("out").display(),
+        model = common::test_model().display(),
+        url = server.base_url(),
+        train = p.join("train.jsonl").display(),
+        held = p.join("held.jsonl").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let o = common::distill().arg("run").arg(&config).output().unwrap();
+    let log = common::stderr(&o) + &String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("deployment:") && log.contains("| student q8_0 |"),
+        "{log}"
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(p.join("out/deploy/deploy.json")).unwrap())
+            .unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    // The teacher is a remote endpoint: no row of its own.
+    assert_eq!(labels, ["student f32", "student q8_0"]);
+    assert!(rows.iter().all(|r| r["problems"] == 2), "{rows:?}");
+    let report = std::fs::read_to_string(p.join("out/report.html")).unwrap();
+    assert!(
+        report.contains("Deployment: teacher and student"),
+        "the table in the report"
+    );
+    assert!(report.contains("student q8_0"));
+    // Unchanged: the deploy stage is skipped like every other.
+    let o = common::distill().arg("run").arg(&config).output().unwrap();
+    let log = common::stderr(&o);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("distill run: deploy unchanged, skipped"),
+        "{log}"
+    );
+}

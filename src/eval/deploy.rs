@@ -193,6 +193,17 @@ pub fn markdown(rows: &[DeployRow]) -> String {
 /// Exports the student at each quantization, measures every row, writes `deploy.json` and
 /// `deploy.md` into the output directory and returns the rows.
 pub fn deploy(a: &DeployArgs) -> anyhow::Result<Vec<DeployRow>> {
+    for flag in ["--model", "--adapter", "--out-dir"] {
+        if a.eval_args
+            .iter()
+            .any(|x| x == flag || x.starts_with(&format!("{flag}=")))
+        {
+            bail!(
+                "the `distill eval` flags after `--` must not set {flag}: each row's model, \
+                 adapter and output directory are set by `bench deploy`"
+            );
+        }
+    }
     std::fs::create_dir_all(&a.out_dir).with_context(|| a.out_dir.display().to_string())?;
     let mut rows = Vec::new();
     if let Some(t) = &a.teacher {
