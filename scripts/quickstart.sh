@@ -4,7 +4,9 @@
 # of configs/quickstart.toml into runs/quickstart/: the model samples solutions to training
 # problems, the filter keeps the correct ones, LoRA SFT trains the student on them, and the base
 # model and the student are evaluated on held-out problems and compared (pass@1 with 95%
-# intervals, paired p-value). Rerunning skips finished stages and resumes an interrupted one.
+# intervals, paired p-value); the student is then exported as q8_0 and q4_k_m GGUF files and
+# measured beside the teacher and the f32 student (the deployment table). Rerunning skips
+# finished stages and resumes an interrupted one.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
