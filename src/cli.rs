@@ -42,6 +42,11 @@ pub enum Command {
     Train(TrainArgs),
     /// Fold a PEFT adapter into its base model and write a Hugging Face directory.
     Merge(MergeArgs),
+    /// Store a teacher's top-k log-probabilities at every supervised token of a trace file
+    /// (soft labels for `train --loss ce+kd`).
+    Label(LabelArgs),
+    /// Cut a smaller student from a model by keeping some of its decoder layers.
+    Prune(PruneArgs),
     /// Write the student as a GGUF file (f16 or quantized), or the kept traces in the format
     /// of TRL, LLaMA-Factory (ShareGPT) or axolotl.
     Export(ExportArgs),
@@ -258,6 +263,96 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Objective: `ce` (SFT on the trace tokens), `kd` (divergence to the teacher only) or
+    /// `ce+kd` (alpha · CE + (1 − alpha) · T² · D).
+    #[arg(long, value_name = "ce|kd|ce+kd")]
+    pub loss: Option<crate::train::config::LossKind>,
+    /// Weight of the cross-entropy in `ce+kd`.
+    #[arg(long)]
+    pub kd_alpha: Option<f64>,
+    /// `forward` (KL(teacher ‖ student)), `reverse` or `jsd`.
+    #[arg(long)]
+    pub kd_divergence: Option<crate::train::kd::Divergence>,
+    /// JSD mixture weight on the teacher (0 = forward KL, 1 = reverse KL).
+    #[arg(long)]
+    pub kd_beta: Option<f64>,
+    /// Temperature of both distributions (the divergence is scaled by T²).
+    #[arg(long)]
+    pub kd_temperature: Option<f64>,
+    /// Soft labels written by `distill label` (offline distillation).
+    #[arg(long, value_name = "DIR")]
+    pub soft_labels: Option<PathBuf>,
+    /// Teacher run inside the loop (online soft labels, feature matching).
+    #[arg(long, value_name = "MODEL")]
+    pub teacher: Option<PathBuf>,
+    /// Top entries per position of online soft labels.
+    #[arg(long)]
+    pub kd_top_k: Option<usize>,
+    /// Match the hidden states of this many student layers (spread over depth) to the
+    /// teacher's at the same relative depth.
+    #[arg(long)]
+    pub feature_layers: Option<usize>,
+    /// Explicit student:teacher layer pairs, e.g. `9:14,19:29`.
+    #[arg(long, value_name = "S:T,...")]
+    pub feature_pairs: Option<String>,
+    /// `cosine` or `mse`.
+    #[arg(long)]
+    pub feature_loss: Option<crate::train::kd::FeatureLoss>,
+    /// Weight of the feature term.
+    #[arg(long)]
+    pub feature_weight: Option<f64>,
+}
+
+/// Flags of `distill label`.
+#[derive(Debug, Args)]
+pub struct LabelArgs {
+    /// Teacher: Hugging Face directory or GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// LoRA adapter applied to the teacher.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Trace file to label (e.g. a filter run's kept.jsonl).
+    #[arg(long)]
+    pub traces: PathBuf,
+    /// Output directory: labels.json and labels.bin (rerun to resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Top entries kept per position (plus the mass outside them).
+    #[arg(long, default_value_t = 64)]
+    pub top_k: usize,
+    /// Chat template replacing the teacher's: use the one the student trains with.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// End-of-turn token, as for `distill train`.
+    #[arg(long)]
+    pub eot_token: Option<String>,
+    /// Longest sample in tokens (as `distill train --max-len`); longer traces are skipped.
+    #[arg(long, default_value_t = 2048)]
+    pub max_len: usize,
+    /// Sequences scored together.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Flags of `distill prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Model to cut: Hugging Face directory or GGUF file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Layers to keep, e.g. `0-9,20-29`.
+    #[arg(long, conflicts_with = "layers", required_unless_present = "layers")]
+    pub keep_layers: Option<String>,
+    /// Number of layers to keep, spread evenly from the first to the last.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Output directory (a Hugging Face model).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Flags of `distill merge`.
@@ -563,6 +658,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::default())
         }
         Command::Export(a) => export_cmd(a),
+        Command::Label(a) => label_cmd(a),
+        Command::Prune(a) => prune_cmd(a),
         Command::Audit(a) => {
             let run = crate::audit::load_run(&a.run_dir)?;
             let text = crate::audit::terminal_summary(&run);
@@ -1225,6 +1322,94 @@ fn filter_cmd(a: FilterArgs) -> anyhow::Result<Outcome> {
     Ok(Outcome::default())
 }
 
+/// `9:14,19:29` → `[[9, 14], [19, 29]]`.
+fn parse_pairs(spec: &str) -> anyhow::Result<Vec<[usize; 2]>> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (s, t) = p
+                .split_once(':')
+                .with_context(|| format!("--feature-pairs: `{p}` is not STUDENT:TEACHER"))?;
+            Ok([
+                s.trim()
+                    .parse()
+                    .with_context(|| format!("--feature-pairs: `{p}`: bad student layer"))?,
+                t.trim()
+                    .parse()
+                    .with_context(|| format!("--feature-pairs: `{p}`: bad teacher layer"))?,
+            ])
+        })
+        .collect()
+}
+
+fn label_cmd(a: LabelArgs) -> anyhow::Result<Outcome> {
+    let cfg = crate::label::LabelConfig {
+        model: a.model.clone(),
+        adapter: a.adapter.clone(),
+        traces: a.traces.clone(),
+        out_dir: a.out.clone(),
+        top_k: a.top_k,
+        chat_template: a.chat_template.clone(),
+        eot_token: a.eot_token.clone(),
+        max_len: a.max_len,
+        batch: BatchConfig {
+            max_seqs: a.concurrency.max(1),
+            max_step_tokens: 2048,
+            ..BatchConfig::default()
+        },
+        quiet: a.quiet,
+    };
+    eprintln!(
+        "label: teacher {} on the candle engine, top-{} per supervised token",
+        a.model.display(),
+        a.top_k
+    );
+    let s = crate::label::label(&cfg)?;
+    eprintln!(
+        "label: {} traces: {} labelled now, {} already, {} skipped (failed or longer than \
+         --max-len); {} positions, {:.0} bytes/token, {:.0} teacher tokens/s; top-{} leave \
+         {:.2}% of the mass on average; in {}",
+        s.traces,
+        s.labelled,
+        s.resumed,
+        s.skipped,
+        s.positions,
+        s.bytes_per_token,
+        s.tokens_per_s,
+        a.top_k,
+        100.0 * s.mean_tail_mass,
+        a.out.display()
+    );
+    Ok(Outcome::default())
+}
+
+fn prune_cmd(a: PruneArgs) -> anyhow::Result<Outcome> {
+    use crate::model::prune;
+    let base_cfg = crate::model::load::BaseModel::load(&a.model, &candle_core::Device::Cpu)?.config;
+    let total = base_cfg.num_hidden_layers;
+    let keep = match (&a.keep_layers, a.layers) {
+        (Some(spec), _) => {
+            prune::parse_layers(spec, total).map_err(|e| anyhow::anyhow!("--keep-layers: {e}"))?
+        }
+        (None, Some(n)) => {
+            if n == 0 || n > total {
+                bail!("--layers {n}: the model has {total} layers");
+            }
+            prune::uniform_keep(total, n)
+        }
+        (None, None) => bail!("give --keep-layers or --layers"),
+    };
+    let cut = prune::prune_to_dir(&a.model, &keep, &a.out)?;
+    eprintln!(
+        "prune: kept {} of {total} layers {keep:?}; wrote {} ({} hidden, vocabulary unchanged)",
+        keep.len(),
+        a.out.display(),
+        cut.config.hidden_size
+    );
+    Ok(Outcome::default())
+}
+
 fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
     use crate::train::config::{Resume, TrainConfig, TrainOverrides};
     let base = match &a.config {
@@ -1258,6 +1443,21 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
         },
         stop_after: None,
         quiet: a.quiet,
+        loss_kind: a.loss,
+        kd_alpha: a.kd_alpha,
+        kd_divergence: a.kd_divergence,
+        kd_beta: a.kd_beta,
+        kd_temperature: a.kd_temperature,
+        soft_labels: a.soft_labels.clone(),
+        teacher: a.teacher.clone(),
+        kd_top_k: a.kd_top_k,
+        feature_layers: a.feature_layers,
+        feature_pairs: match &a.feature_pairs {
+            Some(p) => Some(parse_pairs(p)?),
+            None => None,
+        },
+        feature_loss: a.feature_loss,
+        feature_weight: a.feature_weight,
     };
     let cfg = overrides.apply(&base);
     if cfg.model.as_os_str().is_empty() {

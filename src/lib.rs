@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! problems.jsonl ──generate──▶ traces.jsonl ──filter──▶ kept.jsonl ──train──▶ adapter/ ──merge──▶ model/
+//!                                                             └─label──▶ soft labels ─┘ (response distillation)
 //! ```
 //!
 //! Map of the crate:
@@ -24,6 +25,8 @@
 //!   paired comparison of two evaluations.
 //! - [`export`]: the student as a GGUF file (f16, q8_0, q4_0, q4_k_m) and the kept traces in
 //!   TRL, ShareGPT and axolotl formats.
+//! - [`label`]: the teacher's top-k log-probabilities at every supervised token of a trace
+//!   file, stored compactly for response distillation (`distill label`).
 //! - [`model`]: the candle student (Llama, Qwen2) with LoRA, loaded from HF dirs or GGUF.
 //! - [`infer`]: the batched inference engine on the same model code (continuous batching, KV
 //!   cache, seeded sampling, teacher-forced scoring); the default local teacher.
@@ -45,6 +48,7 @@ pub mod fake_openai;
 pub mod filter;
 pub mod generate;
 pub mod infer;
+pub mod label;
 pub mod model;
 pub mod progress;
 pub mod run;

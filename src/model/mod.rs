@@ -21,6 +21,7 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod prune;
 pub mod qwen2;
 pub mod tokenizer;
 

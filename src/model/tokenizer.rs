@@ -375,6 +375,22 @@ impl ChatTokenizer {
         self.chat_template.as_deref()
     }
 
+    /// The vocabulary by id (added tokens included), for comparing tokenizers.
+    pub fn vocabulary(&self) -> Vec<String> {
+        let vocab = self.tokenizer.get_vocab(true);
+        let size = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        let mut out = vec![String::new(); size];
+        for (tok, id) in vocab {
+            out[id as usize] = tok;
+        }
+        out
+    }
+
+    /// What distillation needs two tokenizers to share: see [`Vocabulary`].
+    pub fn fingerprint(&self) -> Vocabulary {
+        Vocabulary::of(&self.vocabulary(), self.bos_token(), self.eos_token())
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.tokenizer
@@ -406,6 +422,96 @@ impl ChatTokenizer {
             source: e,
         })?;
         std::fs::write(&cfg_path, text).map_err(|e| ModelError::io(&cfg_path, e))
+    }
+}
+
+/// A tokenizer's identity for distillation: a teacher's token ids are meaningful to a student
+/// only when both map every id to the same string and agree on BOS and EOS. Trailing ids whose
+/// strings look like padding (`[PAD…]`, `<pad…>`, `<|extra…`, `<unused…>`, or empty), as
+/// models add to round their embedding rows (Qwen2.5: 151665 tokens in 151936 or 152064
+/// rows), are not part of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vocabulary {
+    /// Ids up to the last non-padding token.
+    pub size: usize,
+    /// SHA-256 of the ids' strings, BOS and EOS (hex, first 16 bytes).
+    pub hash: String,
+    /// The BOS token string.
+    pub bos: Option<String>,
+    /// The EOS token string.
+    pub eos: Option<String>,
+}
+
+/// Whether a token string is one a model adds to pad its vocabulary.
+fn is_padding_token(t: &str) -> bool {
+    t.is_empty()
+        || t.starts_with("[PAD")
+        || t.starts_with("<pad")
+        || t.starts_with("<|extra")
+        || t.starts_with("<unused")
+}
+
+impl Vocabulary {
+    /// The fingerprint of `tokens` (by id) with its special tokens.
+    pub fn of(tokens: &[String], bos: Option<&str>, eos: Option<&str>) -> Self {
+        use sha2::{Digest, Sha256};
+        let size = tokens
+            .iter()
+            .rposition(|t| !is_padding_token(t))
+            .map_or(0, |i| i + 1);
+        let mut h = Sha256::new();
+        for t in &tokens[..size] {
+            h.update(t.as_bytes());
+            h.update([0u8]);
+        }
+        h.update(format!("bos={bos:?} eos={eos:?}").as_bytes());
+        Self {
+            size,
+            hash: hex::encode(&h.finalize()[..16]),
+            bos: bos.map(str::to_string),
+            eos: eos.map(str::to_string),
+        }
+    }
+
+    /// `None` when `self` (the teacher's) and `other` (the student's) agree; otherwise what
+    /// differs, in words. `tokens` give the first differing id when both lists are at hand.
+    pub fn difference(
+        &self,
+        other: &Vocabulary,
+        tokens: Option<(&[String], &[String])>,
+    ) -> Option<String> {
+        if self == other {
+            return None;
+        }
+        let mut what = Vec::new();
+        if self.size != other.size {
+            what.push(format!(
+                "the teacher has {} tokens, the student {}",
+                self.size, other.size
+            ));
+        }
+        if self.bos != other.bos || self.eos != other.eos {
+            what.push(format!(
+                "special tokens differ (teacher BOS {:?} EOS {:?}, student BOS {:?} EOS {:?})",
+                self.bos, self.eos, other.bos, other.eos
+            ));
+        }
+        if let Some((a, b)) = tokens {
+            if let Some(i) = (0..self.size.min(other.size)).find(|&i| a.get(i) != b.get(i)) {
+                what.push(format!(
+                    "id {i} is {:?} for the teacher and {:?} for the student",
+                    a.get(i).map(String::as_str).unwrap_or(""),
+                    b.get(i).map(String::as_str).unwrap_or("")
+                ));
+            }
+        }
+        if what.is_empty() {
+            what.push(format!(
+                "the token strings differ (vocabulary hash {} vs {})",
+                self.hash, other.hash
+            ));
+        }
+        Some(what.join("; "))
     }
 }
 

@@ -80,6 +80,151 @@ impl LoraSection {
     }
 }
 
+/// What the student learns from, as written in the `[loss]` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum LossKind {
+    /// Cross-entropy on the trace tokens (chain-of-thought SFT).
+    #[default]
+    #[serde(rename = "ce")]
+    Ce,
+    /// The divergence to the teacher's distribution only.
+    #[serde(rename = "kd")]
+    Kd,
+    /// `alpha · CE + (1 − alpha) · T² · D`.
+    #[serde(rename = "ce+kd")]
+    CeKd,
+}
+
+impl std::str::FromStr for LossKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ce" => Ok(Self::Ce),
+            "kd" => Ok(Self::Kd),
+            "ce+kd" | "kd+ce" => Ok(Self::CeKd),
+            other => Err(format!("unknown loss `{other}` (expected ce, kd or ce+kd)")),
+        }
+    }
+}
+
+/// The objective: cross-entropy, response distillation and feature distillation.
+///
+/// Soft labels come from `soft_labels` (a `distill label` directory) or, when only `teacher`
+/// is set, from the teacher run inside the loop (online). Feature matching needs `teacher`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossSection {
+    /// `ce`, `kd` or `ce+kd`.
+    pub kind: LossKind,
+    /// Weight of the cross-entropy in `ce+kd` (the divergence gets `1 − alpha`).
+    pub alpha: f64,
+    /// `forward` (KL(teacher ‖ student)), `reverse` or `jsd`.
+    pub divergence: super::kd::Divergence,
+    /// JSD's mixture weight on the teacher (0 = forward KL, 1 = reverse KL).
+    pub beta: f64,
+    /// Softmax temperature of both distributions; the divergence is scaled by `T²`.
+    pub temperature: f64,
+    /// Directory written by `distill label` (offline soft labels).
+    pub soft_labels: Option<PathBuf>,
+    /// Teacher model for online soft labels and feature matching.
+    pub teacher: Option<PathBuf>,
+    /// Adapter applied to the online teacher.
+    pub teacher_adapter: Option<PathBuf>,
+    /// Top entries per position of online soft labels.
+    pub top_k: usize,
+    /// Feature matching on this many student layers spread evenly over depth, each paired with
+    /// the teacher layer at the same relative depth (0: none unless `feature_pairs`).
+    pub feature_layers: usize,
+    /// Explicit `[student layer, teacher layer]` pairs (0-based), instead of `feature_layers`.
+    pub feature_pairs: Vec<[usize; 2]>,
+    /// `mse` or `cosine`.
+    pub feature_loss: super::kd::FeatureLoss,
+    /// Weight of the feature term.
+    pub feature_weight: f64,
+}
+
+impl Default for LossSection {
+    fn default() -> Self {
+        Self {
+            kind: LossKind::Ce,
+            alpha: 0.5,
+            divergence: super::kd::Divergence::Forward,
+            beta: 0.5,
+            temperature: 1.0,
+            soft_labels: None,
+            teacher: None,
+            teacher_adapter: None,
+            top_k: 64,
+            feature_layers: 0,
+            feature_pairs: Vec::new(),
+            feature_loss: super::kd::FeatureLoss::Cosine,
+            feature_weight: 1.0,
+        }
+    }
+}
+
+impl LossSection {
+    /// Whether a feature term is configured.
+    pub fn features(&self) -> bool {
+        self.feature_layers > 0 || !self.feature_pairs.is_empty()
+    }
+
+    /// Whether the objective uses the teacher's distribution.
+    pub fn distils(&self) -> bool {
+        self.kind != LossKind::Ce
+    }
+
+    fn validate(&self) -> Result<(), TrainError> {
+        let bad = |field: &str, msg: String| {
+            Err(TrainError::Config {
+                field: format!("loss.{field}"),
+                msg,
+            })
+        };
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return bad("alpha", format!("{} is not in [0, 1]", self.alpha));
+        }
+        if !(0.0..=1.0).contains(&self.beta) {
+            return bad("beta", format!("{} is not in [0, 1]", self.beta));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return bad("temperature", format!("{} must be > 0", self.temperature));
+        }
+        if !(self.feature_weight.is_finite() && self.feature_weight >= 0.0) {
+            return bad(
+                "feature_weight",
+                format!("{} must be >= 0", self.feature_weight),
+            );
+        }
+        if self.top_k == 0 {
+            return bad("top_k", "must be > 0".into());
+        }
+        if self.distils() && self.soft_labels.is_none() && self.teacher.is_none() {
+            return bad(
+                "kind",
+                format!(
+                    "{:?} needs the teacher's distribution: set `soft_labels` (a `distill label` \
+                     directory) or `teacher` (a model run in the loop)",
+                    self.kind
+                ),
+            );
+        }
+        if self.features() && self.teacher.is_none() {
+            return bad(
+                "teacher",
+                "feature matching needs a live teacher (`teacher`, `--teacher`)".into(),
+            );
+        }
+        if self.feature_layers > 0 && !self.feature_pairs.is_empty() {
+            return bad(
+                "feature_pairs",
+                "give either feature_layers (evenly spread) or feature_pairs, not both".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Everything a training run needs, as read from `lora-sft.toml`.
 ///
 /// The resolved configuration (file + overrides) is saved in every checkpoint so a resumed
@@ -152,6 +297,8 @@ pub struct TrainConfig {
     pub device: String,
     /// LoRA settings.
     pub lora: LoraSection,
+    /// The objective (`[loss]`): cross-entropy, distillation, feature matching.
+    pub loss: LossSection,
 }
 
 impl Default for TrainConfig {
@@ -188,6 +335,7 @@ impl Default for TrainConfig {
             dtype: Precision::F32,
             device: "cpu".into(),
             lora: LoraSection::default(),
+            loss: LossSection::default(),
         }
     }
 }
@@ -249,6 +397,30 @@ pub struct TrainOverrides {
     pub stop_after: Option<usize>,
     /// `--quiet`: no progress bar or preflight print.
     pub quiet: bool,
+    /// `--loss`.
+    pub loss_kind: Option<LossKind>,
+    /// `--kd-alpha`.
+    pub kd_alpha: Option<f64>,
+    /// `--kd-divergence`.
+    pub kd_divergence: Option<super::kd::Divergence>,
+    /// `--kd-beta`.
+    pub kd_beta: Option<f64>,
+    /// `--kd-temperature`.
+    pub kd_temperature: Option<f64>,
+    /// `--soft-labels`.
+    pub soft_labels: Option<PathBuf>,
+    /// `--teacher`.
+    pub teacher: Option<PathBuf>,
+    /// `--kd-top-k`.
+    pub kd_top_k: Option<usize>,
+    /// `--feature-layers`.
+    pub feature_layers: Option<usize>,
+    /// `--feature-pairs`.
+    pub feature_pairs: Option<Vec<[usize; 2]>>,
+    /// `--feature-loss`.
+    pub feature_loss: Option<super::kd::FeatureLoss>,
+    /// `--feature-weight`.
+    pub feature_weight: Option<f64>,
 }
 
 impl TrainOverrides {
@@ -271,6 +443,17 @@ impl TrainOverrides {
         }
         if let Some(s) = self.max_steps {
             c.max_steps = Some(s);
+        }
+        set!(loss_kind => c.loss.kind, kd_alpha => c.loss.alpha,
+             kd_divergence => c.loss.divergence, kd_beta => c.loss.beta,
+             kd_temperature => c.loss.temperature, kd_top_k => c.loss.top_k,
+             feature_layers => c.loss.feature_layers, feature_pairs => c.loss.feature_pairs,
+             feature_loss => c.loss.feature_loss, feature_weight => c.loss.feature_weight);
+        if let Some(p) = &self.soft_labels {
+            c.loss.soft_labels = Some(p.clone());
+        }
+        if let Some(p) = &self.teacher {
+            c.loss.teacher = Some(p.clone());
         }
         c
     }
@@ -379,6 +562,7 @@ impl TrainConfig {
                 field: "lora".into(),
                 msg: e.to_string(),
             })?;
+        self.loss.validate()?;
         self.device()?;
         Ok(())
     }

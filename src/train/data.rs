@@ -529,6 +529,11 @@ pub struct Batch {
     pub n_tokens: usize,
     /// Supervised targets in the batch.
     pub n_supervised: usize,
+    /// The teacher's top-k at each target, aligned with `targets` (response distillation).
+    pub soft: Option<super::kd::SoftRows>,
+    /// `(student layer, teacher states (n_supervised, hidden))` at the positions of
+    /// `target_rows` (feature distillation).
+    pub features: Vec<(usize, Tensor)>,
 }
 
 /// Builds the tensors of one planned batch. Padding tokens form their own segment so that no
@@ -587,6 +592,8 @@ pub fn collate(
         targets: Tensor::from_vec(targets, n_supervised, device)?,
         n_tokens,
         n_supervised,
+        soft: None,
+        features: Vec::new(),
     })
 }
 

@@ -3,7 +3,9 @@
 //!
 //! * [`config`]: the TOML configuration and command-line overrides.
 //! * [`data`]: traces → chat template → token ids with an assistant-only loss mask, batches.
-//! * [`loss`]: chunked cross-entropy over supervised positions (room for distillation terms).
+//! * [`loss`]: chunked cross-entropy over supervised positions, with distillation terms.
+//! * [`kd`]: divergences to the teacher's top-k with a tail bucket, temperature, feature losses.
+//! * [`teacher`]: the teacher's signals for a batch, from stored soft labels or a live teacher.
 //! * [`optim`]: AdamW with saveable state, warmup + cosine schedule, gradient clipping.
 //! * [`recipe`]: the training loop, read top to bottom: setup, train, checkpoint, resume.
 //!
@@ -11,9 +13,11 @@
 
 pub mod config;
 pub mod data;
+pub mod kd;
 pub mod loss;
 pub mod optim;
 pub mod recipe;
+pub mod teacher;
 
 pub use config::{Precision, Resume, TrainConfig, TrainOverrides};
 pub use recipe::{Recipe, TrainReport};

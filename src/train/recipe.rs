@@ -18,8 +18,10 @@
 
 use super::config::{Resume, TrainConfig, TrainOverrides};
 use super::data::{self, BatchPlan, DataStats, Dataset, Encoder};
-use super::loss::{compute_loss, LossSpec};
+use super::kd::{uniform_layer_pairs, KdSpec};
+use super::loss::{compute_loss, LossSpec, LossTerm};
 use super::optim::{AdamW, AdamWParams, GradAccumulator, Schedule};
+use super::teacher::{OnlineTeacher, TeacherSignals};
 use super::TrainError;
 use crate::model::load::BaseModel;
 use crate::model::lora::{self, LoraConfig};
@@ -67,6 +69,18 @@ pub struct StepMetrics {
     /// Validation loss, on steps where it was computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Token-mean cross-entropy of the step, when the objective is not cross-entropy alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce: Option<f64>,
+    /// Token-mean `T² · D` to the teacher, when distilling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kd: Option<f64>,
+    /// Token-mean feature loss, when matching features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<f64>,
+    /// Validation `T² · D` to the teacher, when distilling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_kd: Option<f64>,
 }
 
 /// Summary of a finished run.
@@ -84,6 +98,8 @@ pub struct TrainReport {
     pub history: Vec<StepMetrics>,
     /// Final validation loss, when there is a validation split.
     pub val_loss: Option<f64>,
+    /// Final validation `T² · D` to the teacher, when distilling.
+    pub val_kd: Option<f64>,
     /// Real tokens processed in this invocation.
     pub tokens: usize,
     /// Wall time of the training loop in seconds.
@@ -138,6 +154,8 @@ struct Session {
     optimizer: AdamW,
     schedule: Schedule,
     loss: LossSpec,
+    teacher: Option<TeacherSignals>,
+    output_layers: Vec<usize>,
     cursor: Cursor,
     plan: (usize, BatchPlan),
     step: usize,
@@ -266,6 +284,9 @@ impl Recipe {
         let first_plan = plan_of(0);
         let preflight = data::preflight(&encoder, &dataset.train, &first_plan)?;
 
+        // The objective, and the teacher's signals it needs.
+        let (loss, teacher, output_layers) = self.objective(&base, &dataset)?;
+
         self.session = Some(Session {
             model,
             varmap,
@@ -275,7 +296,9 @@ impl Recipe {
             pad_id,
             optimizer,
             schedule,
-            loss: LossSpec::cross_entropy(cfg.loss_chunk),
+            loss,
+            teacher,
+            output_layers,
             cursor: Cursor::default(),
             plan: (0, first_plan),
             step: 0,
@@ -336,6 +359,157 @@ impl Recipe {
             st.train,
         ));
         Ok(())
+    }
+
+    /// The loss terms of `[loss]`, the teacher's signals they need (soft labels checked against
+    /// the student's vocabulary and every training trace; a live teacher loaded), and the
+    /// student layers whose outputs the forward pass must return.
+    #[allow(clippy::type_complexity)]
+    fn objective(
+        &self,
+        base: &BaseModel,
+        dataset: &Dataset,
+    ) -> Result<(LossSpec, Option<TeacherSignals>, Vec<usize>), TrainError> {
+        let cfg = &self.cfg;
+        let l = &cfg.loss;
+        let spec = KdSpec {
+            divergence: l.divergence,
+            beta: l.beta,
+            temperature: l.temperature,
+        };
+        let mut terms = Vec::new();
+        match l.kind {
+            super::config::LossKind::Ce => {
+                terms.push(LossTerm::CrossEntropy { weight: 1.0 });
+            }
+            super::config::LossKind::Kd => terms.push(LossTerm::Distill { weight: 1.0, spec }),
+            super::config::LossKind::CeKd => {
+                terms.push(LossTerm::CrossEntropy { weight: l.alpha });
+                terms.push(LossTerm::Distill {
+                    weight: 1.0 - l.alpha,
+                    spec,
+                });
+            }
+        }
+        if l.features() {
+            terms.push(LossTerm::Features {
+                weight: l.feature_weight,
+                loss: l.feature_loss,
+            });
+        }
+        let loss = LossSpec {
+            terms,
+            chunk: cfg.loss_chunk.max(1),
+        };
+        if !l.distils() && !l.features() {
+            return Ok((loss, None, Vec::new()));
+        }
+        let student_vocab = base.tokenizer.fingerprint();
+        let student_rows = base.config.vocab_size;
+        let labels = match (&l.soft_labels, l.distils()) {
+            (Some(dir), true) => {
+                let labels = crate::label::SoftLabels::open(dir)
+                    .map_err(|e| TrainError::Data(e.to_string()))?;
+                labels
+                    .check_vocabulary(&student_vocab, student_rows)
+                    .map_err(|e| TrainError::Data(e.to_string()))?;
+                // Every trace must have its labels, for exactly its tokens: fail now, not at
+                // the step that meets the first one missing.
+                let mut probe = super::kd::SoftRows::new(labels.meta().k);
+                for s in dataset.train.iter().chain(&dataset.val) {
+                    labels
+                        .append_rows(s, &mut probe, student_rows)
+                        .map_err(|e| TrainError::Data(e.to_string()))?;
+                    probe = super::kd::SoftRows::new(labels.meta().k);
+                }
+                self.say(&format!(
+                    "soft labels: {} (teacher {}, top-{}, {} traces, {:.0} bytes/token)",
+                    dir.display(),
+                    labels.meta().teacher,
+                    labels.meta().k,
+                    labels.len(),
+                    labels.meta().bytes_per_token
+                ));
+                Some(labels)
+            }
+            _ => None,
+        };
+        let online = match &l.teacher {
+            Some(path) if l.features() || labels.is_none() => {
+                let t = OnlineTeacher::load(path, l.teacher_adapter.as_deref(), l.top_k)?;
+                let (tv, sv) = (t.tokenizer().vocabulary(), base.tokenizer.vocabulary());
+                if let Some(d) = t
+                    .tokenizer()
+                    .fingerprint()
+                    .difference(&student_vocab, Some((&tv, &sv)))
+                {
+                    return Err(TrainError::Config {
+                        field: "loss.teacher".into(),
+                        msg: format!(
+                            "{}: the teacher's vocabulary is not the student's: {d}; \
+                             distillation needs one tokenizer",
+                            path.display()
+                        ),
+                    });
+                }
+                self.say(&format!(
+                    "online teacher: {} ({} layers, hidden {})",
+                    path.display(),
+                    t.layers(),
+                    t.hidden()
+                ));
+                Some(t)
+            }
+            _ => None,
+        };
+        let n_student = base.config.num_hidden_layers;
+        let pairs: Vec<(usize, usize)> = match &online {
+            Some(t) if l.features() => {
+                let pairs: Vec<(usize, usize)> = if l.feature_pairs.is_empty() {
+                    uniform_layer_pairs(n_student, t.layers(), l.feature_layers)
+                } else {
+                    l.feature_pairs.iter().map(|p| (p[0], p[1])).collect()
+                };
+                for &(sl, tl) in &pairs {
+                    if sl >= n_student || tl >= t.layers() {
+                        return Err(TrainError::Config {
+                            field: "loss.feature_pairs".into(),
+                            msg: format!(
+                                "pair [{sl}, {tl}]: the student has {n_student} layers, the \
+                                 teacher {}",
+                                t.layers()
+                            ),
+                        });
+                    }
+                }
+                if t.hidden() != base.config.hidden_size {
+                    return Err(TrainError::Config {
+                        field: "loss.feature_layers".into(),
+                        msg: format!(
+                            "the student's hidden size is {}, the teacher's {}: feature \
+                             matching needs equal widths (a student cut from the teacher with \
+                             `distill prune` has them)",
+                            base.config.hidden_size,
+                            t.hidden()
+                        ),
+                    });
+                }
+                self.say(&format!(
+                    "feature matching ({:?}) on student→teacher layers {pairs:?}",
+                    l.feature_loss
+                ));
+                pairs
+            }
+            _ => Vec::new(),
+        };
+        let output_layers = pairs.iter().map(|p| p.0).collect();
+        let signals = TeacherSignals {
+            labels,
+            online,
+            want_soft: l.distils(),
+            pairs,
+        };
+        Ok((loss, Some(signals), output_layers))
     }
 
     fn session(&self) -> Result<&Session, TrainError> {
@@ -447,10 +621,10 @@ impl Recipe {
         let t0 = Instant::now();
         let mut history = Vec::new();
         let mut tokens_run = 0usize;
-        let mut val_loss = None;
+        let (mut val_loss, mut val_kd) = (None, None);
         let opts = ForwardOptions {
             train: true,
-            output_layers: vec![],
+            output_layers: self.session()?.output_layers.clone(),
         };
 
         for step in start_step + 1..=end {
@@ -474,12 +648,17 @@ impl Recipe {
 
             let mut accum = GradAccumulator::default();
             let (mut loss, mut tokens) = (0.0, 0usize);
+            let (mut ce_sum, mut kd_sum, mut feature_sum) = (0.0, 0.0, 0.0);
             for (micro, plan) in plans.iter().enumerate() {
                 // Dropout masks depend only on (seed, step, micro-batch): resume stays exact.
                 crate::model::lora::seed_dropout(Some(
                     cfg.seed ^ ((step as u64) << 20) ^ (micro as u64) ^ 0x5EED_D80F,
                 ));
-                let batch = data::collate(&s.data.train, plan, s.pad_id, &self.device)?;
+                let mut batch = data::collate(&s.data.train, plan, s.pad_id, &self.device)?;
+                if let Some(t) = &s.teacher {
+                    let vocab = s.model.lm_head().dim(0)?;
+                    t.attach(&s.data.train, plan, &mut batch, vocab, &self.device)?;
+                }
                 let out = s.model.forward(&batch.input_ids, &batch.packing, &opts)?;
                 let l = compute_loss(&s.model, &out, &batch, &s.loss, normaliser as f64, true)?;
                 if !l.value.is_finite() {
@@ -492,6 +671,9 @@ impl Recipe {
                     });
                 }
                 loss += l.value;
+                ce_sum += l.ce_sum;
+                kd_sum += l.kd_sum;
+                feature_sum += l.feature_sum;
                 tokens += batch.n_tokens;
                 if let Some(sur) = l.surrogate {
                     accum.add(s.optimizer.vars(), &sur.backward()?)?;
@@ -524,18 +706,33 @@ impl Recipe {
                 supervised: normaliser,
                 tokens_per_s: tokens as f64 / dt.max(1e-9),
                 val_loss: None,
+                ce: None,
+                kd: None,
+                feature: None,
+                val_kd: None,
             };
+            let per_token = |x: f64| Some(x / normaliser.max(1) as f64);
+            if s.teacher.is_some() {
+                m.ce = per_token(ce_sum);
+                m.kd = per_token(kd_sum).filter(|_| cfg.loss.distils());
+                m.feature = per_token(feature_sum).filter(|_| cfg.loss.features());
+            }
             let eval_now = (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == total;
             if eval_now && !s.data.val.is_empty() {
-                let v = evaluate(s, &cfg, &self.device)?;
+                let (v, kd) = evaluate(s, &cfg, &self.device)?;
                 m.val_loss = Some(v);
                 val_loss = Some(v);
+                if cfg.loss.distils() {
+                    m.val_kd = Some(kd);
+                    val_kd = Some(kd);
+                }
             }
             let line = serde_json::to_string(&m).map_err(|e| TrainError::Data(e.to_string()))?;
             writeln!(metrics, "{line}").map_err(|e| TrainError::io(&metrics_path, e))?;
             bar.set_position(step as u64);
             bar.set_message(format!(
-                "loss {loss:.4}{} | lr {lr:.2e} | {:.0} tok/s",
+                "loss {loss:.4}{}{} | lr {lr:.2e} | {:.0} tok/s",
+                m.kd.map(|v| format!(" (kd {v:.4})")).unwrap_or_default(),
                 m.val_loss
                     .map(|v| format!(" val {v:.4}"))
                     .unwrap_or_default(),
@@ -571,6 +768,7 @@ impl Recipe {
             resumed_from: s.resumed_from,
             config_changes: s.config_changes.clone(),
             val_loss,
+            val_kd,
             tokens: tokens_run,
             elapsed_s,
             tokens_per_s: tokens_run as f64 / elapsed_s.max(1e-9),
@@ -592,7 +790,11 @@ impl Recipe {
             report
                 .val_loss
                 .map(|v| format!(", val loss {v:.4}"))
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                + &report
+                    .val_kd
+                    .map(|v| format!(" (val T²·D to the teacher {v:.4})"))
+                    .unwrap_or_default(),
             report.tokens,
             report.elapsed_s,
             report.tokens_per_s,
@@ -697,22 +899,32 @@ fn next_batch(s: &mut Session, cfg: &TrainConfig) -> Result<Vec<Vec<usize>>, Tra
 }
 
 /// Token-mean cross-entropy over the validation split (no dropout, no gradients).
-fn evaluate(s: &Session, cfg: &TrainConfig, device: &Device) -> Result<f64, TrainError> {
+/// The validation objective and its token-mean `T² · D` to the teacher (0 when not
+/// distilling).
+fn evaluate(s: &Session, cfg: &TrainConfig, device: &Device) -> Result<(f64, f64), TrainError> {
     let lengths: Vec<usize> = s.data.val.iter().map(data::Sample::len).collect();
     let plan = data::plan_eval(&lengths, cfg.batch_size);
     let total: usize = s.data.val.iter().map(data::Sample::n_supervised).sum();
-    let mut loss = 0.0;
+    let (mut loss, mut kd) = (0.0, 0.0);
+    let opts = ForwardOptions {
+        train: false,
+        output_layers: s.output_layers.clone(),
+    };
     for batch in &plan {
-        let b = data::collate(&s.data.val, batch, s.pad_id, device)?;
+        let mut b = data::collate(&s.data.val, batch, s.pad_id, device)?;
         if b.n_supervised == 0 {
             continue;
         }
-        let out = s
-            .model
-            .forward(&b.input_ids, &b.packing, &ForwardOptions::default())?;
-        loss += compute_loss(&s.model, &out, &b, &s.loss, total.max(1) as f64, false)?.value;
+        if let Some(t) = &s.teacher {
+            let vocab = s.model.lm_head().dim(0)?;
+            t.attach(&s.data.val, batch, &mut b, vocab, device)?;
+        }
+        let out = s.model.forward(&b.input_ids, &b.packing, &opts)?;
+        let l = compute_loss(&s.model, &out, &b, &s.loss, total.max(1) as f64, false)?;
+        loss += l.value;
+        kd += l.kd_sum / total.max(1) as f64;
     }
-    Ok(loss)
+    Ok((loss, kd))
 }
 
 /// The adapter `Var`s by PEFT name, in a fixed order.
