@@ -129,6 +129,22 @@ pub struct EvalArgs {
     /// OUT_DIR/traces.jsonl). Greedy unless --temperature is given.
     #[command(flatten)]
     pub gen: GenerateArgs,
+    /// Held-out traces on which to also measure the model's KL divergence from a teacher and
+    /// its perplexity (a local model; needs --kl-labels or --kl-teacher); writes
+    /// OUT_DIR/distance.json.
+    #[arg(long, value_name = "FILE")]
+    pub kl_traces: Option<PathBuf>,
+    /// Soft labels of the --kl-traces (`distill label`).
+    #[arg(long, value_name = "DIR", requires = "kl_traces")]
+    pub kl_labels: Option<PathBuf>,
+    /// Teacher scoring the --kl-traces (instead of --kl-labels).
+    #[arg(
+        long,
+        value_name = "MODEL",
+        requires = "kl_traces",
+        conflicts_with = "kl_labels"
+    )]
+    pub kl_teacher: Option<PathBuf>,
 }
 
 /// Flags of `distill filter`.
@@ -829,6 +845,30 @@ async fn eval_cmd(a: EvalArgs) -> anyhow::Result<Outcome> {
     );
     let (summary, _) = eval::run(&p.problems, &p.template, p.teacher, &cfg).await?;
     println!("{summary}");
+    if let Some(traces) = &a.kl_traces {
+        let Some(model) = &a.gen.model else {
+            bail!("--kl-traces needs --model (a local model)");
+        };
+        let model = match &a.gen.model_file {
+            Some(f) => PathBuf::from(model).join(f),
+            None => PathBuf::from(model),
+        };
+        let d = crate::eval::distance::distance(&crate::eval::distance::DistanceConfig {
+            model,
+            adapter: a.gen.adapter.clone(),
+            traces: traces.clone(),
+            labels: a.kl_labels.clone(),
+            teacher: a.kl_teacher.clone(),
+            top_k: 64,
+            chat_template: a.gen.chat_template.as_ref().map(PathBuf::from),
+            max_len: 4096,
+        })?;
+        println!("{d}");
+        crate::trace::write_atomically(
+            &out_dir.join("distance.json"),
+            &serde_json::to_vec_pretty(&d)?,
+        )?;
+    }
     eprintln!(
         "distill: wrote {} and {}",
         out_dir.join("results.jsonl").display(),

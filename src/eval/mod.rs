@@ -13,6 +13,7 @@
 //! 95% interval, a paired permutation test, and the problems won and lost.
 
 pub mod deploy;
+pub mod distance;
 pub mod stats;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
