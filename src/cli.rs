@@ -349,6 +349,11 @@ pub struct LabelArgs {
     /// Sequences scored together.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Take the labels from the log-probabilities stored in the traces (`distill generate
+    /// --logprobs K`, e.g. from a hosted teacher) instead of running --model: generated tokens
+    /// only. --model then names the student, whose tokenizer maps the token texts to ids.
+    #[arg(long)]
+    pub from_trace_logprobs: bool,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -1400,24 +1405,41 @@ fn label_cmd(a: LabelArgs) -> anyhow::Result<Outcome> {
         },
         quiet: a.quiet,
     };
+    let s = if a.from_trace_logprobs {
+        eprintln!(
+            "label: from the log-probabilities stored in {}, token texts mapped by {}'s tokenizer",
+            a.traces.display(),
+            a.model.display()
+        );
+        crate::label::label_from_trace_logprobs(&cfg)?
+    } else {
+        eprintln!(
+            "label: teacher {} on the candle engine, top-{} per supervised token",
+            a.model.display(),
+            a.top_k
+        );
+        crate::label::label(&cfg)?
+    };
     eprintln!(
-        "label: teacher {} on the candle engine, top-{} per supervised token",
-        a.model.display(),
-        a.top_k
-    );
-    let s = crate::label::label(&cfg)?;
-    eprintln!(
-        "label: {} traces: {} labelled now, {} already, {} skipped (failed or longer than \
-         --max-len); {} positions, {:.0} bytes/token, {:.0} teacher tokens/s; top-{} leave \
-         {:.2}% of the mass on average; in {}",
+        "label: {} traces: {} labelled now, {} already, {} skipped (failed, without \
+         log-probabilities or longer than --max-len){}; {} positions, {:.0} bytes/token{}; \
+         the top entries leave {:.2}% of the mass on average; in {}",
         s.traces,
         s.labelled,
         s.resumed,
         s.skipped,
+        if s.unaligned > 0 {
+            format!(", {} whose tokens do not match their encoding", s.unaligned)
+        } else {
+            String::new()
+        },
         s.positions,
         s.bytes_per_token,
-        s.tokens_per_s,
-        a.top_k,
+        if s.tokens_per_s > 0.0 {
+            format!(", {:.0} teacher tokens/s", s.tokens_per_s)
+        } else {
+            String::new()
+        },
         100.0 * s.mean_tail_mass,
         a.out.display()
     );
@@ -1526,6 +1548,27 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
     if let Some(dir) = &report.adapter_dir {
         crate::teacher::licence::write_model_card(dir, &cfg.data)
             .with_context(|| format!("writing the model card in {}", dir.display()))?;
+        // The teacher of response / feature distillation: the label directory's or the live one.
+        let kd_teacher = if cfg.loss.distils() || cfg.loss.features() {
+            match (&cfg.loss.soft_labels, &cfg.loss.teacher) {
+                (Some(dir), _) if cfg.loss.distils() => {
+                    crate::label::read_meta(dir).ok().map(|m| {
+                        (
+                            PathBuf::from(m.teacher.split(" + ").next().unwrap_or("")),
+                            "soft labels",
+                        )
+                    })
+                }
+                (_, Some(t)) => Some((t.clone(), "soft labels and hidden states, online")),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some((t, how)) = kd_teacher {
+            crate::teacher::licence::add_distillation_teacher(dir, &t, how)
+                .with_context(|| format!("writing the model card in {}", dir.display()))?;
+        }
         eprintln!(
             "train: PEFT adapter in {} (model card README.md with the teachers' licences)",
             dir.display()

@@ -136,6 +136,7 @@ impl LabelMeta {
     fn same_job(&self, other: &LabelMeta) -> bool {
         self.format == other.format
             && self.teacher == other.teacher
+            && self.values == other.values
             && self.k == other.k
             && self.vocab_rows == other.vocab_rows
             && self.vocabulary == other.vocabulary
@@ -506,6 +507,9 @@ pub struct LabelSummary {
     pub resumed: usize,
     /// Failed traces (no answer) and those longer than `max_len`, skipped.
     pub skipped: usize,
+    /// Traces whose stored tokens do not match their encoding (from stored logprobs only),
+    /// skipped.
+    pub unaligned: usize,
     /// Positions labelled in all.
     pub positions: usize,
     /// Bytes of `labels.bin` per position.
@@ -554,37 +558,8 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary, LabelError> {
         bytes_per_token: 0.0,
         complete: false,
     };
-    std::fs::create_dir_all(&cfg.out_dir).map_err(io(&cfg.out_dir))?;
-    let meta_path = cfg.out_dir.join(META_FILE);
-    let data_path = cfg.out_dir.join(DATA_FILE);
-    let mut done: HashSet<String> = HashSet::new();
-    if meta_path.is_file() {
-        let old = read_meta(&cfg.out_dir)?;
-        if !old.same_job(&meta) {
-            return Err(LabelError::Mismatch {
-                dir: cfg.out_dir.clone(),
-                msg: format!(
-                    "holds labels of another job (teacher {}, k {}, template {:?}); use another \
-                     --out or remove it",
-                    old.teacher, old.k, old.chat_template
-                ),
-            });
-        }
-        if data_path.is_file() {
-            let data = std::fs::read(&data_path).map_err(io(&data_path))?;
-            let (index, valid) = scan(&data, &meta, &data_path)?;
-            if valid != data.len() {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&data_path)
-                    .map_err(io(&data_path))?;
-                f.set_len(valid as u64).map_err(io(&data_path))?;
-            }
-            done = index.into_keys().collect();
-        }
-    }
-    write_meta(&meta_path, &meta)?;
-
+    let mut writer = LabelWriter::open(&cfg.out_dir, meta)?;
+    let done = writer.done.clone();
     let traces = crate::trace::read_traces(&cfg.traces)?;
     let mut todo = Vec::new();
     let mut skipped = 0;
@@ -611,11 +586,6 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary, LabelError> {
         todo.push(s);
     }
     let resumed = done.len();
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&data_path)
-        .map_err(io(&data_path))?;
     let total_tokens: usize = todo.iter().map(Sample::len).sum();
     let bar = if cfg.quiet {
         indicatif::ProgressBar::hidden()
@@ -657,37 +627,303 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary, LabelError> {
                 });
             }
             positions += pos.len();
-            buf.extend(encode_record(&meta, &s.trace_id, &sample_targets(s), &pos));
+            buf.extend(encode_record(
+                &writer.meta,
+                &s.trace_id,
+                &sample_targets(s),
+                &pos,
+            ));
             bar.inc(s.len() as u64);
         }
-        file.write_all(&buf).map_err(io(&data_path))?;
-        file.flush().map_err(io(&data_path))?;
+        writer.append(&buf)?;
     }
-    file.sync_all().map_err(io(&data_path))?;
     bar.finish_and_clear();
     let elapsed = t0.elapsed().as_secs_f64();
-
-    // The final meta: counts over the whole file.
-    let labels = SoftLabels::open(&cfg.out_dir)?;
-    let all_positions: usize = labels.index.values().map(|r| r.positions).sum();
-    let bytes = labels.data.len();
-    let final_meta = LabelMeta {
-        records: labels.len(),
-        positions: all_positions,
-        bytes_per_token: bytes as f64 / all_positions.max(1) as f64,
-        complete: true,
-        ..meta
-    };
-    write_meta(&meta_path, &final_meta)?;
+    let meta = writer.finish()?;
     Ok(LabelSummary {
         traces: traces.len(),
         labelled: todo.len(),
         resumed,
         skipped,
-        positions: all_positions,
-        bytes_per_token: final_meta.bytes_per_token,
+        unaligned: 0,
+        positions: meta.positions,
+        bytes_per_token: meta.bytes_per_token,
         tokens_per_s: total_tokens as f64 / elapsed.max(1e-9),
         mean_tail_mass: tail_sum / positions.max(1) as f64,
+    })
+}
+
+/// The label directory being written: its meta, the records file opened for appending after
+/// a torn tail was cut off, and the traces already labelled.
+struct LabelWriter {
+    dir: PathBuf,
+    meta: LabelMeta,
+    file: std::fs::File,
+    done: HashSet<String>,
+}
+
+impl LabelWriter {
+    /// Opens (or starts) `dir` for `meta`; labels of another job there are an error.
+    fn open(dir: &Path, meta: LabelMeta) -> Result<Self, LabelError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let meta_path = dir.join(META_FILE);
+        let data_path = dir.join(DATA_FILE);
+        let mut done = HashSet::new();
+        if meta_path.is_file() {
+            let old = read_meta(dir)?;
+            if !old.same_job(&meta) {
+                return Err(LabelError::Mismatch {
+                    dir: dir.to_path_buf(),
+                    msg: format!(
+                        "holds labels of another job (teacher {}, k {}, values {}, template \
+                         {:?}); use another --out or remove it",
+                        old.teacher, old.k, old.values, old.chat_template
+                    ),
+                });
+            }
+            if data_path.is_file() {
+                let data = std::fs::read(&data_path).map_err(io(&data_path))?;
+                let (index, valid) = scan(&data, &meta, &data_path)?;
+                if valid != data.len() {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&data_path)
+                        .map_err(io(&data_path))?;
+                    f.set_len(valid as u64).map_err(io(&data_path))?;
+                }
+                done = index.into_keys().collect();
+            }
+        }
+        write_meta(&meta_path, &meta)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&data_path)
+            .map_err(io(&data_path))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta,
+            file,
+            done,
+        })
+    }
+
+    /// Appends whole records and flushes them.
+    fn append(&mut self, records: &[u8]) -> Result<(), LabelError> {
+        let path = self.dir.join(DATA_FILE);
+        self.file.write_all(records).map_err(io(&path))?;
+        self.file.flush().map_err(io(&path))
+    }
+
+    /// Syncs the records and writes the final meta with the counts over the whole file.
+    fn finish(self) -> Result<LabelMeta, LabelError> {
+        let path = self.dir.join(DATA_FILE);
+        self.file.sync_all().map_err(io(&path))?;
+        let labels = SoftLabels::open(&self.dir)?;
+        let positions: usize = labels.index.values().map(|r| r.positions).sum();
+        let meta = LabelMeta {
+            records: labels.len(),
+            positions,
+            bytes_per_token: labels.data.len() as f64 / positions.max(1) as f64,
+            complete: true,
+            ..self.meta
+        };
+        write_meta(&self.dir.join(META_FILE), &meta)?;
+        Ok(meta)
+    }
+}
+
+/// The tokenizer (and chat template) of a model path, without loading its weights.
+fn load_tokenizer(model: &Path) -> Result<crate::model::tokenizer::ChatTokenizer, LabelError> {
+    use crate::model::tokenizer::ChatTokenizer;
+    if model.is_dir() {
+        return Ok(ChatTokenizer::from_hf_dir(model)?);
+    }
+    let mut f = std::fs::File::open(model).map_err(io(model))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
+        LabelError::Format {
+            path: model.to_path_buf(),
+            msg: format!("not a GGUF file or model directory: {e}"),
+        }
+    })?;
+    Ok(ChatTokenizer::from_gguf(
+        &content,
+        &model.display().to_string(),
+    )?)
+}
+
+/// Token text as an OpenAI-compatible server returns it → token id: each id's own decoding,
+/// or vLLM's `token_id:N` (`--return-tokens-as-token-ids`). Texts that several ids decode to
+/// (partial UTF-8 bytes, say) map to none: which id the teacher meant is unknown.
+fn token_lookup(tok: &crate::model::tokenizer::ChatTokenizer) -> impl Fn(&str) -> Option<u32> {
+    let n = tok.vocabulary().len();
+    let mut map: HashMap<String, Option<u32>> = HashMap::with_capacity(n);
+    for id in 0..n as u32 {
+        if let Ok(text) = tok.decode(&[id], false) {
+            map.entry(text)
+                .and_modify(|e| *e = None)
+                .or_insert(Some(id));
+        }
+    }
+    move |text: &str| match text.strip_prefix("token_id:") {
+        Some(id) => id.parse().ok().filter(|&i: &u32| (i as usize) < n),
+        None => map.get(text).copied().flatten(),
+    }
+}
+
+/// Labels from the log-probabilities stored in the traces (`distill generate --logprobs K`),
+/// for teachers that cannot be run here (a hosted endpoint): no forward pass, generated tokens
+/// only. `cfg.model` names the model whose tokenizer maps the returned token texts to ids (the
+/// student: the teacher must share its vocabulary). Each trace's generated tokens must be the
+/// start of its supervised tokens as the student encodes it; the positions after them (the
+/// end-of-turn token the server does not return) get the target as a hard label. Values are
+/// whatever the endpoint returned: the model's raw distribution for distill's own engine,
+/// before or after temperature for others depending on the server (`values` says which is
+/// known).
+pub fn label_from_trace_logprobs(cfg: &LabelConfig) -> Result<LabelSummary, LabelError> {
+    let tokenizer = load_tokenizer(&cfg.model)?;
+    let renderer = ChatRenderer::new(tokenizer.clone(), cfg.chat_template.as_deref())?;
+    let encoder = Encoder::new(renderer, cfg.eot_token.as_deref())?;
+    let traces = crate::trace::read_traces(&cfg.traces)?;
+    let with_lp: Vec<&crate::trace::Trace> = traces
+        .iter()
+        .filter(|t| t.logprobs.as_ref().is_some_and(|l| !l.is_empty()))
+        .collect();
+    let Some(first) = with_lp.first() else {
+        return Err(LabelError::Mismatch {
+            dir: cfg.out_dir.clone(),
+            msg: format!(
+                "no trace in {} has log-probabilities; generate with --logprobs K",
+                cfg.traces.display()
+            ),
+        });
+    };
+    let k = with_lp
+        .iter()
+        .flat_map(|t| t.logprobs.iter().flatten())
+        .map(|e| e.top.len())
+        .max()
+        .unwrap_or(0)
+        .clamp(1, cfg.top_k.max(1));
+    // distill's engine reports the model's own distribution (it records `model_logprob`).
+    let raw = with_lp
+        .iter()
+        .flat_map(|t| t.logprobs.iter().flatten())
+        .all(|e| e.model_logprob.is_some());
+    let rows = tokenizer.vocabulary().len();
+    let meta = LabelMeta {
+        format: FORMAT.into(),
+        teacher: format!("{} (stored log-probabilities)", first.teacher.model),
+        k,
+        temperature: 1.0,
+        values: if raw { "raw" } else { "endpoint" }.into(),
+        vocab_rows: rows,
+        id_bits: id_bits(rows + 1),
+        vocabulary: tokenizer.fingerprint(),
+        traces: cfg.traces.clone(),
+        chat_template: cfg.chat_template.clone(),
+        max_len: cfg.max_len,
+        records: 0,
+        positions: 0,
+        bytes_per_token: 0.0,
+        complete: false,
+    };
+    let mut writer = LabelWriter::open(&cfg.out_dir, meta)?;
+    let resumed = writer.done.len();
+    let lookup = token_lookup(&tokenizer);
+    let (mut labelled, mut skipped, mut unaligned) = (0, 0, 0);
+    let (mut tail_sum, mut soft_positions) = (0f64, 0usize);
+    let mut buf = Vec::new();
+    for t in &traces {
+        if writer.done.contains(&t.id) {
+            continue;
+        }
+        let (Some(msgs), Some(lps)) = (Encoder::trace_messages(t), t.logprobs.as_ref()) else {
+            skipped += 1;
+            continue;
+        };
+        let (s, _) = encoder.encode(&msgs, &t.id)?;
+        if s.len() > cfg.max_len || s.n_supervised() == 0 {
+            skipped += 1;
+            continue;
+        }
+        let targets = sample_targets(&s);
+        // Every generated token's id, the stop token (which some servers return and the
+        // template may render differently) allowed to be unknown.
+        let mut generated: Vec<Option<u32>> = lps.iter().map(|e| lookup(&e.token)).collect();
+        let fits = |g: &[Option<u32>]| {
+            g.len() <= targets.len() && g.iter().zip(&targets).all(|(a, b)| *a == Some(*b))
+        };
+        if !fits(&generated) && generated.len() > 1 {
+            generated.pop();
+        }
+        if !fits(&generated) {
+            unaligned += 1;
+            continue;
+        }
+        let mut pos = Vec::with_capacity(targets.len());
+        for (i, &target) in targets.iter().enumerate() {
+            match lps.get(i).filter(|_| i < generated.len()) {
+                Some(e) => {
+                    let mut top: Vec<(u32, f32)> = Vec::with_capacity(e.top.len());
+                    for (text, lp) in &e.top {
+                        if let Some(id) = lookup(text) {
+                            if !top.iter().any(|(x, _)| *x == id) {
+                                top.push((id, *lp));
+                            }
+                        }
+                    }
+                    if top.is_empty() {
+                        top.push((target, e.model_logprob.unwrap_or(e.logprob)));
+                    }
+                    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    top.truncate(k);
+                    let inside: f64 = top.iter().map(|(_, lp)| f64::from(*lp).exp()).sum();
+                    let tail = (1.0 - inside).max(0.0);
+                    tail_sum += tail;
+                    soft_positions += 1;
+                    pos.push(LabelPosition {
+                        top,
+                        log_tail: (tail as f32).ln(),
+                    });
+                }
+                None => pos.push(LabelPosition {
+                    top: vec![(target, 0.0)],
+                    log_tail: f32::NEG_INFINITY,
+                }),
+            }
+        }
+        buf.extend(encode_record(&writer.meta, &t.id, &targets, &pos));
+        labelled += 1;
+        if buf.len() > 1 << 20 {
+            writer.append(&buf)?;
+            buf.clear();
+        }
+    }
+    writer.append(&buf)?;
+    if labelled == 0 && resumed == 0 {
+        return Err(LabelError::Mismatch {
+            dir: cfg.out_dir.clone(),
+            msg: format!(
+                "none of the {} traces with log-probabilities matches its encoding by {} \
+                 ({unaligned} unaligned, {skipped} skipped): the teacher's tokenizer is not \
+                 this model's, or the chat template renders the answer differently",
+                with_lp.len(),
+                cfg.model.display()
+            ),
+        });
+    }
+    let meta = writer.finish()?;
+    Ok(LabelSummary {
+        traces: traces.len(),
+        labelled,
+        resumed,
+        skipped,
+        unaligned,
+        positions: meta.positions,
+        bytes_per_token: meta.bytes_per_token,
+        tokens_per_s: 0.0,
+        mean_tail_mass: tail_sum / soft_positions.max(1) as f64,
     })
 }
 

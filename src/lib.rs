@@ -27,6 +27,8 @@
 //!   TRL, ShareGPT and axolotl formats.
 //! - [`label`]: the teacher's top-k log-probabilities at every supervised token of a trace
 //!   file, stored compactly for response distillation (`distill label`).
+//! - [`kernels`]: the CPU kernels training and inference share (GEMM, fused operations with
+//!   hand-written backward passes, the decoder layer as one autograd node).
 //! - [`model`]: the candle student (Llama, Qwen2) with LoRA, loaded from HF dirs or GGUF.
 //! - [`infer`]: the batched inference engine on the same model code (continuous batching, KV
 //!   cache, seeded sampling, teacher-forced scoring); the default local teacher.
@@ -48,6 +50,7 @@ pub mod fake_openai;
 pub mod filter;
 pub mod generate;
 pub mod infer;
+pub mod kernels;
 pub mod label;
 pub mod model;
 pub mod progress;

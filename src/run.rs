@@ -15,6 +15,8 @@
 //! n = 8
 //! [filter]
 //! checker = "math"
+//! [label]                          # optional: soft labels from the teacher; train uses CE+KD
+//! top_k = 64
 //! [train]                          # the student (model defaults to the top-level one)
 //! epochs = 2
 //! [eval]                           # held-out problems, base then student
@@ -51,9 +53,10 @@ pub struct RunArgs {
 }
 
 /// The stages, in order.
-const STAGES: [&str; 7] = [
+const STAGES: [&str; 8] = [
     "generate",
     "filter",
+    "label",
     "train",
     "eval-base",
     "eval-student",
@@ -279,22 +282,64 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
         resume_args: vec![],
     });
 
-    let tr = table_with_model(cfg, "train", model);
+    // Soft labels of the kept traces, when asked for: the teacher (the generate model unless
+    // [label] names one) scores them, and the student trains with CE+KD on them unless [train]
+    // says otherwise.
+    let kept = filtered.join("kept.jsonl");
+    let labels = out.join("labels");
+    let mut train_upstream = filt_fp.clone();
+    let mut tr = table_with_model(cfg, "train", model);
+    if cfg.contains_key("label") {
+        let teacher = gen.get("model").and_then(|v| v.as_str());
+        let lab = table_with_model(cfg, "label", teacher);
+        let mut args = vec!["label".to_string()];
+        args.extend(flags(&lab, file, "label")?);
+        args.extend([
+            "--traces".into(),
+            kept.display().to_string(),
+            "--out".into(),
+            labels.display().to_string(),
+        ]);
+        let label_fp = stage_fingerprint(
+            "label",
+            Some(&filt_fp),
+            &args,
+            &lab,
+            &["model", "adapter", "chat_template"],
+        );
+        stages.push(Stage {
+            name: "label",
+            args,
+            fingerprint: label_fp.clone(),
+            outputs: vec![labels.clone()],
+            resume_args: vec![],
+        });
+        train_upstream = label_fp;
+        if !tr.contains_key("soft_labels") {
+            tr.insert(
+                "soft_labels".into(),
+                toml::Value::String(labels.display().to_string()),
+            );
+        }
+        if !tr.contains_key("loss") {
+            tr.insert("loss".into(), toml::Value::String("ce+kd".into()));
+        }
+    }
     let student = out.join("student");
     let mut args = vec!["train".to_string()];
     args.extend(flags(&tr, file, "train")?);
     args.extend([
         "--data".into(),
-        filtered.join("kept.jsonl").display().to_string(),
+        kept.display().to_string(),
         "--out".into(),
         student.display().to_string(),
     ]);
     let train_fp = stage_fingerprint(
         "train",
-        Some(&filt_fp),
+        Some(&train_upstream),
         &args,
         &tr,
-        &["model", "config", "chat_template"],
+        &["model", "config", "chat_template", "teacher"],
     );
     stages.push(Stage {
         name: "train",
@@ -330,11 +375,18 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
             resume_args: vec![],
         });
     }
+    let fp_of = |name: &str| {
+        stages
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.fingerprint.clone())
+            .unwrap_or_default()
+    };
     let cmp_fp = fingerprint(&[
         env!("CARGO_PKG_VERSION"),
         "compare",
-        &stages[3].fingerprint,
-        &stages[4].fingerprint,
+        &fp_of("eval-base"),
+        &fp_of("eval-student"),
     ]);
     stages.push(Stage {
         name: "compare",
@@ -413,12 +465,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<Outcome> {
         toml::from_str(&text).with_context(|| format!("{}: invalid TOML", a.config.display()))?;
     for k in cfg.keys() {
         if ![
-            "out_dir", "model", "generate", "filter", "train", "eval", "deploy",
+            "out_dir", "model", "generate", "filter", "label", "train", "eval", "deploy",
         ]
         .contains(&k.as_str())
         {
             bail!(
-                "{}: unknown key `{k}` (expected out_dir, model, [generate], [filter], [train], [eval], [deploy])",
+                "{}: unknown key `{k}` (expected out_dir, model, [generate], [filter], [label], [train], [eval], [deploy])",
                 a.config.display()
             );
         }
@@ -527,7 +579,7 @@ fn write_manifest(
     recs: &BTreeMap<String, StageRecord>,
 ) -> anyhow::Result<()> {
     let mut files = BTreeMap::new();
-    for section in ["generate", "filter", "train", "eval"] {
+    for section in ["generate", "filter", "label", "train", "eval"] {
         let t = table(cfg, section);
         for p in input_files(
             &t,

@@ -313,3 +313,93 @@ fn pruned_student_recovers_closer_to_the_teacher_with_kd() -> R<()> {
     );
     Ok(())
 }
+
+/// Labels taken from the log-probabilities stored in the traces (`generate --logprobs K`, here
+/// by distill's own engine) agree with labels scored teacher-forced by the same model, at every
+/// generated position; a tokenizer the traces' tokens do not match is refused.
+#[test]
+fn labels_from_stored_logprobs_match_teacher_forced_labels() -> R<()> {
+    let model = common::test_model();
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("p.jsonl");
+    common::write_problems(&data, 6);
+    let traces = dir.path().join("traces.jsonl");
+    let o = common::distill()
+        .args(["generate", "--teacher", "local", "--quiet", "--model"])
+        .arg(&model)
+        .arg("--dataset")
+        .arg(&data)
+        .args(["--max-tokens", "24", "--logprobs", "8", "--out"])
+        .arg(&traces)
+        .output()?;
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let stored = dir.path().join("stored");
+    let o = common::distill()
+        .args(["label", "--quiet", "--from-trace-logprobs", "--model"])
+        .arg(&model)
+        .arg("--traces")
+        .arg(&traces)
+        .arg("--out")
+        .arg(&stored)
+        .output()?;
+    let err = common::stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let scored = dir.path().join("scored");
+    let o = common::distill()
+        .args(["label", "--quiet", "--top-k", "8", "--model"])
+        .arg(&model)
+        .arg("--traces")
+        .arg(&traces)
+        .arg("--out")
+        .arg(&scored)
+        .output()?;
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (a, b) = (SoftLabels::open(&stored)?, SoftLabels::open(&scored)?);
+    assert_eq!(
+        a.meta().values,
+        "raw",
+        "the engine reports its raw distribution"
+    );
+    assert!(a.len() >= 4, "most traces align: {err}");
+    let engine = Engine::load(&model, None)?;
+    let enc = Encoder::new(ChatRenderer::new(engine.tokenizer().clone(), None)?, None)?;
+    let mut compared = 0;
+    for t in distill::trace::read_traces(&traces)? {
+        let msgs = Encoder::trace_messages(&t).ok_or("no messages")?;
+        let (sample, _) = enc.encode(&msgs, &t.id)?;
+        let (mut ra, mut rb) = (SoftRows::new(8), SoftRows::new(8));
+        if a.append_rows(&sample, &mut ra, 49152).is_err() {
+            continue; // not aligned: skipped by the stored-logprobs path
+        }
+        b.append_rows(&sample, &mut rb, 49152)?;
+        let generated = t.logprobs.as_ref().map_or(0, Vec::len).min(ra.len());
+        for i in 0..generated {
+            let ((ia, la), (ib, lb)) = (ra.row(i), rb.row(i));
+            assert_eq!(ia[0], ib[0], "trace {} position {i}: top token", t.id);
+            for (id, lp) in ia.iter().zip(la) {
+                if let Some(j) = ib.iter().position(|x| x == id) {
+                    assert!((lp - lb[j]).abs() < 2e-3, "position {i}: {lp} vs {}", lb[j]);
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(compared > 100, "only {compared} entries compared");
+
+    // Token texts another tokenizer cannot map: nothing aligns, a clear error.
+    let broken = dir.path().join("broken.jsonl");
+    let text = std::fs::read_to_string(&traces)?.replace("\"token\":\"", "\"token\":\"§");
+    std::fs::write(&broken, text)?;
+    let o = common::distill()
+        .args(["label", "--quiet", "--from-trace-logprobs", "--model"])
+        .arg(&model)
+        .arg("--traces")
+        .arg(&broken)
+        .arg("--out")
+        .arg(dir.path().join("none"))
+        .output()?;
+    let err = common::stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("matches its encoding"), "{err}");
+    Ok(())
+}

@@ -351,3 +351,91 @@ speed_tokens = 4
         "{log}"
     );
 }
+
+/// A `[label]` table adds the soft-label stage between filter and train, and train then
+/// distils (CE+KD on those labels); an unchanged rerun skips it like every other stage.
+#[test]
+fn a_label_table_makes_the_student_distil_from_soft_labels() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(FakeServer::start(FakeConfig::default()))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    write_tiny_model(&p.join("tiny"));
+    common::write_problems(&p.join("train.jsonl"), 4);
+    common::write_problems(&p.join("held.jsonl"), 2);
+    let config = p.join("run.toml");
+    let text = format!(
+        r#"
+out_dir = "{out}"
+model = "{model}"
+[generate]
+teacher = "openai"
+base_url = ["{url}"]
+model = "fake-teacher"
+dataset = "{train}"
+n = 2
+max_tokens = 64
+quiet = true
+[filter]
+checker = "math"
+disable_rule = ["length"]
+[label]
+model = "{model}"
+top_k = 8
+quiet = true
+[train]
+max_steps = 2
+batch_size = 2
+quiet = true
+[eval]
+dataset = "{held}"
+max_tokens = 4
+quiet = true
+"#,
+        out = p.join("out").display(),
+        model = p.join("tiny").display(),
+        url = server.base_url(),
+        train = p.join("train.jsonl").display(),
+        held = p.join("held.jsonl").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let o = common::distill().arg("run").arg(&config).output().unwrap();
+    let log = common::stderr(&o) + &String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("distill run: label (running)"), "{log}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("out/labels/labels.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["k"], 8);
+    assert_eq!(meta["complete"], true);
+    let metrics = common::read_lines(&p.join("out/student/metrics.jsonl"));
+    assert!(
+        metrics.iter().all(|m| m["kd"].is_number()),
+        "train distils: {metrics:?}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.join("out/manifest.json")).unwrap())
+            .unwrap();
+    let train_cmd = manifest["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "train")
+        .unwrap()["command"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        train_cmd.contains("--loss ce+kd") && train_cmd.contains("--soft-labels"),
+        "{train_cmd}"
+    );
+    let o = common::distill().arg("run").arg(&config).output().unwrap();
+    let log = common::stderr(&o);
+    assert!(o.status.success(), "{log}");
+    assert!(
+        log.contains("distill run: label unchanged, skipped"),
+        "{log}"
+    );
+}

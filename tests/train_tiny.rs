@@ -50,10 +50,10 @@ fn vocab() -> Vec<String> {
     v
 }
 
-fn tiny_config(vocab: usize) -> R<Config> {
+fn tiny_config(vocab: usize, hidden: usize) -> R<Config> {
     Ok(serde_json::from_value(serde_json::json!({
         "model_type": "llama",
-        "hidden_size": HIDDEN,
+        "hidden_size": hidden,
         "intermediate_size": FFN,
         "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS,
@@ -73,6 +73,7 @@ fn tiny_weights(cfg: &Config) -> R<HashMap<String, Tensor>> {
     let dev = Device::Cpu;
     let hd = cfg.head_dim();
     let v = cfg.vocab_size;
+    let hidden = cfg.hidden_size;
     let mut t = HashMap::new();
     let mut counter = 0u64;
     let mut put = |name: String, shape: &[usize], scale: f32, offset: f32| -> R<()> {
@@ -89,51 +90,51 @@ fn tiny_weights(cfg: &Config) -> R<HashMap<String, Tensor>> {
         t.insert(name, Tensor::from_vec(vals, shape, &dev)?);
         Ok(())
     };
-    put("model.embed_tokens.weight".into(), &[v, HIDDEN], 1.0, 0.0)?;
-    put("model.norm.weight".into(), &[HIDDEN], 0.1, 1.0)?;
+    put("model.embed_tokens.weight".into(), &[v, hidden], 1.0, 0.0)?;
+    put("model.norm.weight".into(), &[hidden], 0.1, 1.0)?;
     for i in 0..LAYERS {
         let p = format!("model.layers.{i}");
         put(
             format!("{p}.self_attn.q_proj.weight"),
-            &[HEADS * hd, HIDDEN],
+            &[HEADS * hd, hidden],
             0.3,
             0.0,
         )?;
         put(
             format!("{p}.self_attn.k_proj.weight"),
-            &[KV_HEADS * hd, HIDDEN],
+            &[KV_HEADS * hd, hidden],
             0.3,
             0.0,
         )?;
         put(
             format!("{p}.self_attn.v_proj.weight"),
-            &[KV_HEADS * hd, HIDDEN],
+            &[KV_HEADS * hd, hidden],
             0.3,
             0.0,
         )?;
         put(
             format!("{p}.self_attn.o_proj.weight"),
-            &[HIDDEN, HEADS * hd],
+            &[hidden, HEADS * hd],
             0.3,
             0.0,
         )?;
         put(
             format!("{p}.mlp.gate_proj.weight"),
-            &[FFN, HIDDEN],
+            &[FFN, hidden],
             0.3,
             0.0,
         )?;
-        put(format!("{p}.mlp.up_proj.weight"), &[FFN, HIDDEN], 0.3, 0.0)?;
+        put(format!("{p}.mlp.up_proj.weight"), &[FFN, hidden], 0.3, 0.0)?;
         put(
             format!("{p}.mlp.down_proj.weight"),
-            &[HIDDEN, FFN],
+            &[hidden, FFN],
             0.3,
             0.0,
         )?;
-        put(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.1, 1.0)?;
+        put(format!("{p}.input_layernorm.weight"), &[hidden], 0.1, 1.0)?;
         put(
             format!("{p}.post_attention_layernorm.weight"),
-            &[HIDDEN],
+            &[hidden],
             0.1,
             1.0,
         )?;
@@ -144,8 +145,13 @@ fn tiny_weights(cfg: &Config) -> R<HashMap<String, Tensor>> {
 /// Writes config.json, model.safetensors, a word-level tokenizer.json with ChatML specials,
 /// and tokenizer_config.json (eos = pad = `<|im_end|>`).
 fn write_tiny_model(dir: &Path) -> R<()> {
+    write_tiny_model_width(dir, HIDDEN)
+}
+
+/// [`write_tiny_model`] with another hidden size (same tokenizer and layer count).
+fn write_tiny_model_width(dir: &Path, hidden: usize) -> R<()> {
     let words = vocab();
-    let cfg = tiny_config(words.len())?;
+    let cfg = tiny_config(words.len(), hidden)?;
     std::fs::write(dir.join("config.json"), serde_json::to_string(&cfg)?)?;
     lora::save_safetensors(&tiny_weights(&cfg)?, &dir.join("model.safetensors"))?;
     let vocab: serde_json::Map<String, serde_json::Value> = words
@@ -676,5 +682,76 @@ fn packed_run_trains_with_several_samples_per_row() -> R<()> {
         first.loss,
         last.loss
     );
+    Ok(())
+}
+
+/// Feature matching against a wider teacher: learned projections to its width train with the
+/// adapter, lower the feature loss, survive a checkpoint and resume, and are not exported.
+#[test]
+fn feature_matching_across_widths_learns_a_projection_left_out_of_the_adapter() -> R<()> {
+    let f = fixture(12)?;
+    let teacher = f.root.join("teacher");
+    std::fs::create_dir_all(&teacher)?;
+    write_tiny_model_width(&teacher, 48)?;
+    let mut cfg = base_config(&f, "feat");
+    cfg.max_steps = Some(12);
+    cfg.save_every = 6;
+    cfg.loss.teacher = Some(teacher.clone());
+    cfg.loss.feature_layers = 2;
+    cfg.loss.feature_loss = distill::train::kd::FeatureLoss::Mse;
+    let report = distill::train::train(&cfg, &quiet())?;
+    let f_loss: Vec<f64> = report.history.iter().filter_map(|m| m.feature).collect();
+    assert_eq!(f_loss.len(), 12);
+    assert!(
+        f_loss[11] < 0.8 * f_loss[0],
+        "feature loss should fall: {f_loss:?}"
+    );
+    let ck = cfg.out_dir.join("checkpoints/step-6");
+    assert!(ck.join("feature_projections.safetensors").is_file());
+    let exported = candle_core::safetensors::load(
+        cfg.out_dir.join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )?;
+    assert!(
+        exported.keys().all(|k| k.contains("lora_")),
+        "{:?}",
+        exported.keys()
+    );
+
+    // Resumed from step 6, the run ends where the uninterrupted one did.
+    let mut again = cfg.clone();
+    again.out_dir = f.root.join("feat-resumed");
+    std::fs::create_dir_all(again.out_dir.join("checkpoints"))?;
+    let copy = again.out_dir.join("checkpoints/step-6");
+    std::fs::create_dir_all(&copy)?;
+    for e in std::fs::read_dir(&ck)? {
+        let e = e?;
+        std::fs::copy(e.path(), copy.join(e.file_name()))?;
+    }
+    let resumed = distill::train::train(
+        &again,
+        &TrainOverrides {
+            resume: Some(Resume::Latest),
+            ..quiet()
+        },
+    )?;
+    let last = |r: &distill::train::TrainReport| r.history.last().map(|m| m.loss);
+    assert_eq!(last(&resumed), last(&report), "resume is exact");
+
+    // A teacher with another tokenizer is refused, naming what differs.
+    let other = f.root.join("other");
+    std::fs::create_dir_all(&other)?;
+    write_tiny_model_width(&other, 32)?;
+    let tok_path = other.join("tokenizer.json");
+    let tok = std::fs::read_to_string(&tok_path)?.replace("\"plus\"", "\"minus\"");
+    std::fs::write(&tok_path, tok)?;
+    let mut bad = base_config(&f, "bad");
+    bad.loss.teacher = Some(other);
+    bad.loss.kind = distill::train::config::LossKind::CeKd;
+    let e = distill::train::train(&bad, &quiet())
+        .err()
+        .ok_or("trained across tokenizers")?
+        .to_string();
+    assert!(e.contains("\"plus\"") && e.contains("\"minus\""), "{e}");
     Ok(())
 }

@@ -196,6 +196,7 @@ pub fn distance(cfg: &DistanceConfig) -> Result<Distance, TrainError> {
         online,
         want_soft: true,
         pairs: Vec::new(),
+        projections: Vec::new(),
     };
     let spec = KdSpec {
         divergence: Divergence::Forward,
@@ -218,6 +219,7 @@ pub fn distance(cfg: &DistanceConfig) -> Result<Distance, TrainError> {
             .as_ref()
             .ok_or_else(|| TrainError::Data("no soft labels attached".into()))?;
         let sums = chunked_objective(
+            model.kernels(),
             model.lm_head(),
             &out.hidden,
             &batch.target_rows,

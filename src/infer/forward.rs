@@ -24,8 +24,8 @@ use rayon::prelude::*;
 use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 
 use super::weights::{quantize_rows, Dims, LayerWeights, Matrix, Weights};
-use crate::model::gemm::{pool_threads, sgemm, Mat};
-use crate::model::ops::{dot, norm_rows, rope_rows, sigmoid, softmax_in_place};
+use crate::kernels::gemm::{pool_threads, sgemm, Mat};
+use crate::kernels::ops::{dot, norm_rows, rope_rows, sigmoid, softmax_in_place};
 use crate::model::push_rope_row;
 
 /// Keys and values of one sequence: per layer, one row of `kv` floats per cached position.

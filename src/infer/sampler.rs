@@ -13,7 +13,7 @@
 
 use rand::rngs::StdRng;
 
-use crate::model::ops::fast_exp;
+use crate::kernels::ops::fast_exp;
 use rand::{Rng, SeedableRng};
 
 /// How to pick tokens, and what to report about them.

@@ -4,26 +4,26 @@
 //! training loop controls every tensor: base weights are plain (frozen) [`Tensor`]s, the LoRA
 //! adapters are [`candle_core::Var`]s living in a [`candle_nn::VarMap`] under their PEFT names.
 //!
-//! * [`llama`] covers Llama 2/3, SmolLM and Mistral checkpoints, [`qwen2`] covers Qwen2/2.5.
+//! * [`decoder`] is the one decoder of every family: Llama 2/3, SmolLM, Mistral, Qwen2/2.5.
 //! * [`lora`] holds the LoRA linear layer, adapter naming, PEFT export/import and merging.
 //! * [`load`] reads Hugging Face directories and GGUF files into a [`load::BaseModel`].
 //! * [`tokenizer`] wraps the tokenizer and renders chat templates.
-//! * [`ops`] holds fused CPU operations with hand-written backward passes (frozen and LoRA
-//!   linear layers, RMSNorm, RoPE, attention, SwiGLU) that keep only their inputs and output
-//!   for the backward pass and never compute gradients of frozen weights.
+//! * The fused CPU operations with hand-written backward passes (frozen and LoRA linear
+//!   layers, RMSNorm, RoPE, attention, SwiGLU, the whole decoder layer) live in
+//!   [`crate::kernels`], shared with the inference engine.
 //!
 //! All operations used by the forward pass are differentiable in candle (the fused
 //! `rms_norm`/`rope` kernels of `candle-nn` have no backward pass, so they are not used).
 
-pub mod gemm;
-pub(crate) mod layer_op;
-pub mod llama;
+pub mod decoder;
 pub mod load;
 pub mod lora;
-pub mod ops;
 pub mod prune;
-pub mod qwen2;
 pub mod tokenizer;
+
+pub use decoder::Student;
+
+use crate::kernels::ops;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -312,6 +312,43 @@ pub enum Family {
     Qwen2,
 }
 
+impl Family {
+    /// Whether the q/k/v and the o projections carry a bias: Llama as `attention_bias` says
+    /// (all four or none); Qwen2 always on q/k/v and never on o (its checkpoints do not set
+    /// `attention_bias`).
+    pub fn attention_biases(self, cfg: &Config) -> (bool, bool) {
+        match self {
+            Self::Llama => (cfg.attention_bias, cfg.attention_bias),
+            Self::Qwen2 => (true, false),
+        }
+    }
+}
+
+/// Which kernels a model runs on, chosen once when it is built: the fused CPU kernels of
+/// [`crate::kernels`] (decoder layer as one autograd node, chunked loss on raw buffers) for
+/// f32 weights on the CPU, candle's own operations for every other dtype and device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// `crate::kernels`: f32 on the CPU.
+    Fused,
+    /// candle's operations (any device, any dtype).
+    Candle,
+}
+
+impl Kernels {
+    /// The kernels that can run on `tensors`: `Fused` when all are f32 on the CPU.
+    pub fn for_tensors(tensors: &[&Tensor]) -> Self {
+        if tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+        {
+            Self::Fused
+        } else {
+            Self::Candle
+        }
+    }
+}
+
 /// Positions and attention mask of a (possibly packed) batch.
 ///
 /// Packing several samples in one row saves padding; `Packing` makes the model treat each
@@ -413,39 +450,7 @@ pub struct ModelOutput {
     pub layers: Vec<(usize, Tensor)>,
 }
 
-/// A student model of any supported family.
-#[derive(Debug, Clone)]
-pub enum Student {
-    /// Llama-family model.
-    Llama(llama::Model),
-    /// Qwen2-family model.
-    Qwen2(qwen2::Model),
-}
-
 impl Student {
-    /// Builds the model selected by `cfg.model_type`, taking base weights from `vb` and, if
-    /// `vb` carries a LoRA config, creating/reusing adapters in its `VarMap`.
-    pub fn load(vb: lora::LoraVarBuilder, cfg: &Config) -> Result<Self> {
-        cfg.validate()?;
-        Ok(match cfg.family()? {
-            Family::Llama => Self::Llama(llama::Model::load(vb, cfg)?),
-            Family::Qwen2 => Self::Qwen2(qwen2::Model::load(vb, cfg)?),
-        })
-    }
-
-    /// Runs the decoder on `input_ids` (`(batch, seq)` u32).
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        packing: &Packing,
-        opts: &ForwardOptions,
-    ) -> Result<ModelOutput> {
-        match self {
-            Self::Llama(m) => m.forward(input_ids, packing, opts),
-            Self::Qwen2(m) => m.forward(input_ids, packing, opts),
-        }
-    }
-
     /// Logits for selected rows of `hidden` (`(batch, seq, hidden)`): `rows` are u32 indices
     /// into the flattened `batch * seq` positions. Returns `(rows.len(), vocab)`.
     pub fn logits_at(&self, hidden: &Tensor, rows: &Tensor) -> Result<Tensor> {
@@ -460,30 +465,6 @@ impl Student {
             .reshape((b * t, h))?
             .matmul(&w.t()?)?
             .reshape((b, t, ()))?)
-    }
-
-    /// The output projection (`lm_head.weight`, or the embedding matrix when tied).
-    pub fn lm_head(&self) -> &Tensor {
-        match self {
-            Self::Llama(m) => m.lm_head(),
-            Self::Qwen2(m) => m.lm_head(),
-        }
-    }
-
-    /// The configuration the model was built from.
-    pub fn config(&self) -> &Config {
-        match self {
-            Self::Llama(m) => m.config(),
-            Self::Qwen2(m) => m.config(),
-        }
-    }
-
-    /// Embeddings, decoder layers and final norm (both families share the layer type).
-    pub(crate) fn parts(&self) -> (&Tensor, &[llama::DecoderLayer], &RmsNorm) {
-        match self {
-            Self::Llama(m) => m.parts(),
-            Self::Qwen2(m) => m.parts(),
-        }
     }
 
     /// Greedy next token after `ids` (a convenience for smoke tests and evaluation).

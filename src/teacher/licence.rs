@@ -159,6 +159,32 @@ pub fn write_model_card(dir: &Path, traces: &Path) -> std::io::Result<()> {
     std::fs::write(dir.join("README.md"), card)
 }
 
+/// Adds to the model card in `dir` the teacher whose distribution or hidden states the
+/// student was trained on (response and feature distillation), with its licence: a student
+/// distilled from a model's soft labels is trained on that model's outputs as surely as one
+/// trained on its traces.
+pub fn add_distillation_teacher(dir: &Path, teacher: &Path, how: &str) -> std::io::Result<()> {
+    let path = dir.join("README.md");
+    let mut card = std::fs::read_to_string(&path).unwrap_or_default();
+    card.push_str(&format!(
+        "\n## Distilled from\n\n- `{}` ({how})",
+        teacher.display()
+    ));
+    match detect(teacher) {
+        Some(l) => {
+            card.push_str(&format!(": licence `{l}`"));
+            if let Some(why) = restriction(&l) {
+                card.push_str(&format!(". {why}"));
+            }
+            card.push('\n');
+        }
+        None => {
+            card.push_str(": no licence found; check its terms on training with model outputs\n")
+        }
+    }
+    std::fs::write(path, card)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

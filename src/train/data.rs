@@ -531,9 +531,21 @@ pub struct Batch {
     pub n_supervised: usize,
     /// The teacher's top-k at each target, aligned with `targets` (response distillation).
     pub soft: Option<super::kd::SoftRows>,
-    /// `(student layer, teacher states (n_supervised, hidden))` at the positions of
-    /// `target_rows` (feature distillation).
-    pub features: Vec<(usize, Tensor)>,
+    /// The teacher's states to match at the positions of `target_rows` (feature
+    /// distillation).
+    pub features: Vec<FeatureTarget>,
+}
+
+/// The teacher's hidden states for one student layer of a batch.
+#[derive(Debug, Clone)]
+pub struct FeatureTarget {
+    /// The student's decoder layer (0-based).
+    pub layer: usize,
+    /// `(n_supervised, teacher hidden)` states of the paired teacher layer.
+    pub teacher: Tensor,
+    /// `(teacher hidden, student hidden)` map applied to the student's states first, when the
+    /// widths differ.
+    pub projection: Option<Tensor>,
 }
 
 /// Builds the tensors of one planned batch. Padding tokens form their own segment so that no

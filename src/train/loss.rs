@@ -16,7 +16,7 @@
 use super::data::Batch;
 use super::kd::{kd_row, FeatureLoss, KdSpec, SoftRows};
 use super::TrainError;
-use crate::model::{ModelOutput, Student};
+use crate::model::{Kernels, ModelOutput, Student};
 use candle_core::{DType, Tensor, D};
 
 /// One term of the objective.
@@ -135,15 +135,20 @@ pub fn chunked_cross_entropy(
     chunk: usize,
     grad_scale: Option<f64>,
 ) -> Result<(f64, Option<Tensor>), TrainError> {
-    let r = chunked_objective(lm_head, hidden, rows, targets, chunk, grad_scale, None)?;
+    let kernels = Kernels::for_tensors(&[lm_head, hidden]);
+    let r = chunked_objective(
+        kernels, lm_head, hidden, rows, targets, chunk, grad_scale, None,
+    )?;
     Ok((r.ce, r.grad))
 }
 
 /// [`chunked_cross_entropy`] plus, when `kd` is given, the distillation divergence of each
 /// row from the same logits, its gradient (scaled by `kd.grad_scale`) added to the
 /// cross-entropy's (scaled by `ce_grad_scale`). With `ce_grad_scale = None` no gradient is
-/// computed at all.
+/// computed at all. `kernels` is the model's ([`Student::kernels`]).
+#[allow(clippy::too_many_arguments)]
 pub fn chunked_objective(
+    kernels: Kernels,
     lm_head: &Tensor,
     hidden: &Tensor,
     rows: &Tensor,
@@ -162,7 +167,7 @@ pub fn chunked_objective(
         }
     }
     let (b, t, h) = hidden.dims3()?;
-    if hidden.device().is_cpu() && hidden.dtype() == DType::F32 && lm_head.dtype() == DType::F32 {
+    if kernels == Kernels::Fused {
         return fused_objective(lm_head, hidden, rows, targets, chunk, ce_grad_scale, kd);
     }
     let flat = hidden.detach().reshape((b * t, h))?;
@@ -240,7 +245,7 @@ fn fused_objective(
     grad_scale: Option<f64>,
     kd: Option<KdTerm<'_>>,
 ) -> Result<ChunkedSums, TrainError> {
-    use crate::model::gemm::{pool_threads, sgemm, Mat};
+    use crate::kernels::gemm::{pool_threads, sgemm, Mat};
     use rayon::prelude::*;
 
     let (b, t, h) = hidden.dims3()?;
@@ -284,7 +289,7 @@ fn fused_objective(
     let mut dh = vec![0f32; chunk * h];
     let (mut sum, mut kd_sum) = (0.0f64, 0.0f64);
     // The output projection is used in place: a copy would be vocab x hidden floats per call.
-    crate::model::ops::with_f32(&lm_head.detach(), |w| {
+    crate::kernels::ops::with_f32(&lm_head.detach(), |w| {
         for (c, (rows, targets)) in rows.chunks(chunk).zip(targets.chunks(chunk)).enumerate() {
             let len = rows.len();
             let first = c * chunk;
@@ -333,7 +338,7 @@ fn fused_objective(
                     let picked = row[target as usize];
                     // d/dlogits of scale * CE = scale * (softmax - onehot).
                     let s = scale.unwrap_or(1.0);
-                    let (max, z) = crate::model::ops::softmax_scaled(row, s);
+                    let (max, z) = crate::kernels::ops::softmax_scaled(row, s);
                     if scale.is_some() {
                         row[target as usize] -= s;
                         if let Some(g) = kd_grad {
@@ -439,6 +444,7 @@ pub fn compute_loss(
         _ => None,
     };
     let sums = chunked_objective(
+        model.kernels(),
         model.lm_head(),
         &out.hidden,
         &batch.target_rows,
@@ -460,17 +466,21 @@ pub fn compute_loss(
                 "the objective matches features but the batch carries no teacher states".into(),
             ));
         }
-        for (layer, teacher) in &batch.features {
-            let Some((_, states)) = out.layers.iter().find(|(l, _)| l == layer) else {
+        for target in &batch.features {
+            let layer = target.layer;
+            let Some((_, states)) = out.layers.iter().find(|(l, _)| *l == layer) else {
                 return Err(TrainError::Data(format!(
                     "student layer {layer} was not returned by the forward pass"
                 )));
             };
             let (b, t, h) = states.dims3()?;
-            let picked = states
+            let mut picked = states
                 .reshape((b * t, h))?
                 .index_select(&batch.target_rows, 0)?;
-            let l = feature_loss(&picked, teacher, loss)?;
+            if let Some(w) = &target.projection {
+                picked = picked.to_dtype(w.dtype())?.matmul(&w.t()?)?;
+            }
+            let l = feature_loss(&picked, &target.teacher, loss)?;
             feature_sum += f64::from(l.to_scalar::<f32>()?);
             if with_grad {
                 let term = (l * (weight / normaliser))?;
@@ -563,17 +573,29 @@ mod tests {
                 spec,
                 grad_scale: b,
             };
-            let r = chunked_objective(&lm_head, h, &rows, &targets, 3, None, Some(kd))?;
+            let r = chunked_objective(
+                Kernels::Fused,
+                &lm_head,
+                h,
+                &rows,
+                &targets,
+                3,
+                None,
+                Some(kd),
+            )?;
             Ok(a * r.ce + b * r.kd)
         };
-        for h0 in [hidden.clone(), hidden.to_dtype(DType::F64)?] {
+        for (h0, kernels) in [
+            (hidden.clone(), Kernels::Fused),
+            (hidden.to_dtype(DType::F64)?, Kernels::Candle),
+        ] {
             let kd = KdTerm {
                 soft: &soft,
                 spec,
                 grad_scale: b,
             };
             let lm = lm_head.to_dtype(h0.dtype())?;
-            let r = chunked_objective(&lm, &h0, &rows, &targets, 3, Some(a), Some(kd))?;
+            let r = chunked_objective(kernels, &lm, &h0, &rows, &targets, 3, Some(a), Some(kd))?;
             let grad = r
                 .grad
                 .ok_or(TrainError::Data("no grad".into()))?

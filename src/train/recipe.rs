@@ -38,6 +38,15 @@ use std::time::Instant;
 
 /// Salt mixed into the seed for the adapter initialisation.
 const INIT_SALT: u64 = 0x1a17_a5ee_d000_0001;
+/// Salt mixed into the seed for the feature projections' initialisation.
+const PROJECTION_SALT: u64 = 0x9a0f_ec71_0a5e_ed02;
+/// Checkpoint file of the feature projections (not part of the exported adapter).
+const PROJECTION_FILE: &str = "feature_projections.safetensors";
+
+/// Name of feature projection `i` among the trained variables.
+fn projection_name(i: usize) -> String {
+    format!("feature_projection.{i}.weight")
+}
 /// Layout version of `trainer_state.json`.
 const STATE_VERSION: u32 = 1;
 /// Files of a checkpoint directory (besides the PEFT adapter files).
@@ -246,6 +255,16 @@ impl Recipe {
         let tok = base.tokenizer.clone();
         let pad_id = tok.eos_token().and_then(|t| tok.token_id(t)).unwrap_or(0);
 
+        // The objective, and the teacher's signals it needs; projections of student states to
+        // the teacher's width train with the adapter.
+        let (loss, teacher, output_layers) = self.objective(&base, &dataset)?;
+        let mut vars = vars;
+        if let Some(t) = &teacher {
+            for (i, p) in t.projections.iter().enumerate() {
+                vars.insert(projection_name(i), p.clone());
+            }
+        }
+
         // Optimizer and schedule.
         let optimizer = AdamW::new(
             vars,
@@ -283,9 +302,6 @@ impl Recipe {
         };
         let first_plan = plan_of(0);
         let preflight = data::preflight(&encoder, &dataset.train, &first_plan)?;
-
-        // The objective, and the teacher's signals it needs.
-        let (loss, teacher, output_layers) = self.objective(&base, &dataset)?;
 
         self.session = Some(Session {
             model,
@@ -482,32 +498,53 @@ impl Recipe {
                         });
                     }
                 }
-                if t.hidden() != base.config.hidden_size {
-                    return Err(TrainError::Config {
-                        field: "loss.feature_layers".into(),
-                        msg: format!(
-                            "the student's hidden size is {}, the teacher's {}: feature \
-                             matching needs equal widths (a student cut from the teacher with \
-                             `distill prune` has them)",
+                self.say(&format!(
+                    "feature matching ({:?}) on student→teacher layers {pairs:?}{}",
+                    l.feature_loss,
+                    if t.hidden() != base.config.hidden_size {
+                        format!(
+                            ", through learned {}→{} projections (dropped at export)",
                             base.config.hidden_size,
                             t.hidden()
-                        ),
-                    });
-                }
-                self.say(&format!(
-                    "feature matching ({:?}) on student→teacher layers {pairs:?}",
-                    l.feature_loss
+                        )
+                    } else {
+                        String::new()
+                    }
                 ));
                 pairs
             }
             _ => Vec::new(),
         };
         let output_layers = pairs.iter().map(|p| p.0).collect();
+        // A student narrower or wider than the teacher maps its states to the teacher's width
+        // with one learned matrix per pair (initialised like LoRA's A, from the seed).
+        let (hs, ht) = (
+            base.config.hidden_size,
+            online
+                .as_ref()
+                .map_or(base.config.hidden_size, |t| t.hidden()),
+        );
+        let mut projections = Vec::new();
+        if hs != ht {
+            let mut rng = StdRng::seed_from_u64(cfg.seed ^ PROJECTION_SALT);
+            let bound = 1.0 / (hs as f32).sqrt();
+            for _ in &pairs {
+                let values: Vec<f32> = (0..ht * hs)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                projections.push(Var::from_tensor(&Tensor::from_vec(
+                    values,
+                    (ht, hs),
+                    &self.device,
+                )?)?);
+            }
+        }
         let signals = TeacherSignals {
             labels,
             online,
             want_soft: l.distils(),
             pairs,
+            projections,
         };
         Ok((loss, Some(signals), output_layers))
     }
@@ -552,8 +589,15 @@ impl Recipe {
             .as_mut()
             .ok_or_else(|| ck_err("setup() not run".into()))?;
         let w_path = dir.join(lora::ADAPTER_WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&w_path, &device)
+        let mut tensors = candle_core::safetensors::load(&w_path, &device)
             .map_err(|e| ck_err(format!("{}: {e}", lora::ADAPTER_WEIGHTS_FILE)))?;
+        let p_path = dir.join(PROJECTION_FILE);
+        if p_path.is_file() {
+            tensors.extend(
+                candle_core::safetensors::load(&p_path, &device)
+                    .map_err(|e| ck_err(format!("{PROJECTION_FILE}: {e}")))?,
+            );
+        }
         for (name, var) in s.optimizer.vars() {
             let t = tensors
                 .get(name)
@@ -826,6 +870,15 @@ impl Recipe {
         }
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         lora::save_adapter(&tmp, &s.varmap, &s.lora)?;
+        if let Some(t) = s.teacher.as_ref().filter(|t| !t.projections.is_empty()) {
+            let tensors: std::collections::HashMap<String, Tensor> = t
+                .projections
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (projection_name(i), v.as_tensor().clone()))
+                .collect();
+            lora::save_safetensors(&tensors, &tmp.join(PROJECTION_FILE))?;
+        }
         s.optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
         let state = TrainerState {
             version: STATE_VERSION,

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use super::data::{Batch, Sample};
+use super::data::{Batch, FeatureTarget, Sample};
 use super::kd::SoftRows;
 use super::TrainError;
 use crate::infer::{BatchConfig, Engine, ScoreRequest};
@@ -77,6 +77,9 @@ pub struct TeacherSignals {
     pub want_soft: bool,
     /// `(student layer, teacher layer)` pairs for feature matching.
     pub pairs: Vec<(usize, usize)>,
+    /// Per pair, a learned `(teacher hidden, student hidden)` map of the student's states to
+    /// the teacher's width, when the widths differ (empty otherwise).
+    pub projections: Vec<candle_core::Var>,
 }
 
 impl TeacherSignals {
@@ -168,7 +171,14 @@ impl TeacherSignals {
             .pairs
             .iter()
             .zip(feats)
-            .map(|(&(student, _), f)| Ok((student, Tensor::from_vec(f, (n, h), device)?)))
+            .enumerate()
+            .map(|(i, (&(layer, _), f))| {
+                Ok(FeatureTarget {
+                    layer,
+                    teacher: Tensor::from_vec(f, (n, h), device)?,
+                    projection: self.projections.get(i).map(|v| v.as_tensor().clone()),
+                })
+            })
             .collect::<Result<_, TrainError>>()?;
         Ok(())
     }

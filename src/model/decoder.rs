@@ -1,15 +1,20 @@
-//! Llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral without sliding window).
+//! The decoder of every supported family: Llama 2/3, SmolLM/SmolLM2, Mistral (without sliding
+//! window) and Qwen2/2.5. One implementation; the families differ only in which attention
+//! projections carry a bias ([`super::Family::attention_biases`]).
 //!
 //! Field names follow the checkpoint (`model.layers.N.self_attn.q_proj` ...) so that loading is a
 //! walk down the `VarBuilder` prefixes and every adapted module gets its PEFT name for free.
+//!
+//! Which kernels run is chosen once, when the model is built ([`Kernels`]): the fused CPU
+//! layer node and loss (`crate::kernels`) for f32 weights on the CPU, candle's own
+//! operations otherwise.
 
-use super::layer_op::{decoder_layer, LayerContext, LayerRefs};
 use super::lora::{LoraLinear, LoraVarBuilder};
-use super::ops::fused_f32;
 use super::{
-    apply_rope, attention, repeat_kv, Config, ForwardOptions, Mlp, ModelError, ModelOutput,
-    Packing, Result, RmsNorm, RotaryEmbedding,
+    apply_rope, attention, repeat_kv, Config, ForwardOptions, Kernels, Mlp, ModelError,
+    ModelOutput, Packing, Result, RmsNorm, RotaryEmbedding,
 };
+use crate::kernels::layer_op::{decoder_layer, LayerContext, LayerRefs};
 use candle_core::Tensor;
 
 /// Grouped-query self-attention with rotary embeddings.
@@ -97,11 +102,11 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Loads one layer under `vb` (`model.layers.N`), with `attention_bias` on all four
-    /// attention projections.
+    /// Loads one layer under `vb` (`model.layers.N`), with the attention biases of the
+    /// configuration's family.
     pub fn load(vb: LoraVarBuilder, cfg: &Config) -> Result<Self> {
-        let bias = cfg.attention_bias;
-        Self::with_biases(vb, cfg, bias, bias)
+        let (qkv_bias, o_bias) = cfg.family()?.attention_biases(cfg);
+        Self::with_biases(vb, cfg, qkv_bias, o_bias)
     }
 
     /// Loads one layer with the attention biases chosen per family (`qkv_bias` for q/k/v,
@@ -158,55 +163,135 @@ impl DecoderLayer {
     }
 }
 
-/// Llama causal LM: embeddings, decoder layers, final norm and `lm_head`.
+/// A causal LM of any supported family: embeddings, decoder layers, final norm and
+/// `lm_head`, with base weights frozen and LoRA adapters (when the builder carries them) in its
+/// `VarMap`.
 #[derive(Debug, Clone)]
-pub struct Model {
+pub struct Student {
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Tensor,
     rotary: RotaryEmbedding,
     cfg: Config,
+    kernels: Kernels,
 }
 
-impl Model {
-    /// Loads from a root builder (prefixes `model.*` and `lm_head`). The output projection is
+impl Student {
+    /// Builds the model of `cfg` from a root builder (prefixes `model.*` and `lm_head`),
+    /// creating or reusing adapters when `vb` carries a LoRA config. The output projection is
     /// `lm_head.weight` when the checkpoint has it, else the embedding matrix (tied).
     pub fn load(vb: LoraVarBuilder, cfg: &Config) -> Result<Self> {
-        load_decoder(vb, cfg, DecoderLayer::load).map(
-            |(embed_tokens, layers, norm, lm_head, rotary, cfg)| Self {
-                embed_tokens,
-                layers,
-                norm,
-                lm_head,
-                rotary,
-                cfg,
-            },
-        )
+        cfg.validate()?;
+        cfg.family()?;
+        let m = vb.pp("model");
+        let embed_tokens = m
+            .pp("embed_tokens")
+            .base_get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let head = vb.pp("lm_head");
+        let tied = !head.base_contains("weight");
+        let lm_head = if tied {
+            embed_tokens.clone()
+        } else {
+            head.base_get((cfg.vocab_size, cfg.hidden_size), "weight")?
+        };
+        let mut cfg = cfg.clone();
+        cfg.tie_word_embeddings = tied;
+        let rotary = RotaryEmbedding::new(&cfg, vb.device())?;
+        let kernels = Kernels::for_tensors(&[&embed_tokens]);
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            cfg,
+            kernels,
+        })
     }
 
-    /// Runs the decoder; see [`super::Student::forward`].
+    /// Runs the decoder on `input_ids` (`(batch, seq)` u32): embed, run the layers
+    /// (collecting the requested outputs), final norm.
     pub fn forward(
         &self,
         input_ids: &Tensor,
         packing: &Packing,
         opts: &ForwardOptions,
     ) -> Result<ModelOutput> {
-        run_decoder(
-            &self.embed_tokens,
-            &self.layers,
-            &self.norm,
-            &self.rotary,
-            input_ids,
-            packing,
-            opts,
-            DecoderLayer::forward,
-        )
+        let (b, t) = input_ids.dims2()?;
+        if packing.position_ids.dims() != [b, t] || packing.mask.dims() != [b, 1, t, t] {
+            return Err(ModelError::Input(format!(
+                "packing shapes {:?}/{:?} do not match input_ids {:?}",
+                packing.position_ids.dims(),
+                packing.mask.dims(),
+                input_ids.dims()
+            )));
+        }
+        let (embed_tokens, layers, norm, rotary) =
+            (&self.embed_tokens, &self.layers, &self.norm, &self.rotary);
+        if let Some(bad) = opts.output_layers.iter().find(|&&l| l >= layers.len()) {
+            return Err(ModelError::Input(format!(
+                "output layer {bad} >= num_hidden_layers {}",
+                layers.len()
+            )));
+        }
+        let vocab = embed_tokens.dim(0)?;
+        let top = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if top >= vocab {
+            return Err(ModelError::Input(format!(
+                "token id {top} >= vocab_size {vocab}"
+            )));
+        }
+        let (cos, sin) = rotary.tables(&packing.position_ids, embed_tokens.dtype())?;
+        let mut xs = embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        let fused = match self.kernels {
+            Kernels::Fused => Some(LayerContext::new(&packing.mask, &cos, &sin)?),
+            Kernels::Candle => None,
+        };
+        let inputs = LayerInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: &packing.mask,
+            fused,
+            train: opts.train,
+        };
+        let mut collected = Vec::with_capacity(opts.output_layers.len());
+        for (i, layer) in layers.iter().enumerate() {
+            xs = layer.forward(&xs, &inputs)?;
+            if opts.output_layers.contains(&i) {
+                collected.push((i, xs.clone()));
+            }
+        }
+        let layers_out = opts
+            .output_layers
+            .iter()
+            .filter_map(|l| collected.iter().find(|(i, _)| i == l).cloned())
+            .collect();
+        Ok(ModelOutput {
+            hidden: norm.forward(&xs)?,
+            layers: layers_out,
+        })
     }
 
-    /// The output projection `(vocab, hidden)`.
+    /// The output projection (`lm_head.weight`, or the embedding matrix when tied).
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The kernels chosen when the model was built; the loss uses the same.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// The embedding matrix, decoder layers and final norm, for the inference engine, which
@@ -214,108 +299,4 @@ impl Model {
     pub(crate) fn parts(&self) -> (&Tensor, &[DecoderLayer], &RmsNorm) {
         (&self.embed_tokens, &self.layers, &self.norm)
     }
-
-    /// The configuration the model was built from.
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-}
-
-/// Pieces of a loaded decoder: embeddings, layers, final norm, lm_head, rotary tables, config.
-pub(crate) type DecoderParts<L> = (Tensor, Vec<L>, RmsNorm, Tensor, RotaryEmbedding, Config);
-
-/// Loads the parts common to every family, with `load_layer` building each decoder layer.
-pub(crate) fn load_decoder<L>(
-    vb: LoraVarBuilder,
-    cfg: &Config,
-    load_layer: impl Fn(LoraVarBuilder, &Config) -> Result<L>,
-) -> Result<DecoderParts<L>> {
-    cfg.validate()?;
-    let m = vb.pp("model");
-    let embed_tokens = m
-        .pp("embed_tokens")
-        .base_get((cfg.vocab_size, cfg.hidden_size), "weight")?;
-    let layers = (0..cfg.num_hidden_layers)
-        .map(|i| load_layer(m.pp("layers").pp(i), cfg))
-        .collect::<Result<Vec<_>>>()?;
-    let norm = RmsNorm::load(&m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-    let head = vb.pp("lm_head");
-    let tied = !head.base_contains("weight");
-    let lm_head = if tied {
-        embed_tokens.clone()
-    } else {
-        head.base_get((cfg.vocab_size, cfg.hidden_size), "weight")?
-    };
-    let mut cfg = cfg.clone();
-    cfg.tie_word_embeddings = tied;
-    let rotary = RotaryEmbedding::new(&cfg, vb.device())?;
-    Ok((embed_tokens, layers, norm, lm_head, rotary, cfg))
-}
-
-/// Shared forward pass: embed, run layers (collecting requested outputs), final norm.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_decoder<L>(
-    embed_tokens: &Tensor,
-    layers: &[L],
-    norm: &RmsNorm,
-    rotary: &RotaryEmbedding,
-    input_ids: &Tensor,
-    packing: &Packing,
-    opts: &ForwardOptions,
-    layer_forward: impl Fn(&L, &Tensor, &LayerInputs<'_>) -> Result<Tensor>,
-) -> Result<ModelOutput> {
-    let (b, t) = input_ids.dims2()?;
-    if packing.position_ids.dims() != [b, t] || packing.mask.dims() != [b, 1, t, t] {
-        return Err(ModelError::Input(format!(
-            "packing shapes {:?}/{:?} do not match input_ids {:?}",
-            packing.position_ids.dims(),
-            packing.mask.dims(),
-            input_ids.dims()
-        )));
-    }
-    if let Some(bad) = opts.output_layers.iter().find(|&&l| l >= layers.len()) {
-        return Err(ModelError::Input(format!(
-            "output layer {bad} >= num_hidden_layers {}",
-            layers.len()
-        )));
-    }
-    let vocab = embed_tokens.dim(0)?;
-    let top = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
-    if top >= vocab {
-        return Err(ModelError::Input(format!(
-            "token id {top} >= vocab_size {vocab}"
-        )));
-    }
-    let (cos, sin) = rotary.tables(&packing.position_ids, embed_tokens.dtype())?;
-    let mut xs = embed_tokens
-        .index_select(&input_ids.flatten_all()?, 0)?
-        .reshape((b, t, ()))?;
-    let fused = if fused_f32(&[&xs, &cos, &sin]) {
-        Some(LayerContext::new(&packing.mask, &cos, &sin)?)
-    } else {
-        None
-    };
-    let inputs = LayerInputs {
-        cos: &cos,
-        sin: &sin,
-        mask: &packing.mask,
-        fused,
-        train: opts.train,
-    };
-    let mut collected = Vec::with_capacity(opts.output_layers.len());
-    for (i, layer) in layers.iter().enumerate() {
-        xs = layer_forward(layer, &xs, &inputs)?;
-        if opts.output_layers.contains(&i) {
-            collected.push((i, xs.clone()));
-        }
-    }
-    let layers_out = opts
-        .output_layers
-        .iter()
-        .filter_map(|l| collected.iter().find(|(i, _)| i == l).cloned())
-        .collect();
-    Ok(ModelOutput {
-        hidden: norm.forward(&xs)?,
-        layers: layers_out,
-    })
 }

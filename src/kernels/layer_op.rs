@@ -23,12 +23,12 @@
 //! masks are a hash of (call key, element), regenerated in the backward pass rather than kept.
 
 use super::gemm::{par_filled, pool_threads, sgemm, sgemm_new, Mat};
-use super::lora::{next_dropout_key, DropoutMask, LoraAdapter, LoraLinear};
 use super::ops::{
     f32_slice, f32_storage, fused_f32, norm_grad_add, norm_rows, rope_rows, sigmoid, with_f32,
     AttentionOp, Dims, Shared, CHUNK,
 };
-use super::RmsNorm;
+use crate::model::lora::{next_dropout_key, DropoutMask, LoraAdapter, LoraLinear};
+use crate::model::RmsNorm;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex, RwLockReadGuard};
@@ -941,7 +941,7 @@ pub(crate) fn decoder_layer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::llama::{DecoderLayer, LayerInputs};
+    use crate::model::decoder::{DecoderLayer, LayerInputs};
     use crate::model::lora::{LoraConfig, LoraVarBuilder, ALL_TARGET_MODULES};
     use crate::model::{Config, Packing, RotaryEmbedding};
     use candle_core::{DType, Device, Var};
