@@ -127,6 +127,34 @@ pub struct LabelMeta {
 }
 
 impl LabelMeta {
+    /// The meta of a labelling job not yet run: counts at zero.
+    fn new(
+        teacher: String,
+        k: usize,
+        values: &str,
+        vocab_rows: usize,
+        vocabulary: Vocabulary,
+        cfg: &LabelConfig,
+    ) -> Self {
+        Self {
+            format: FORMAT.into(),
+            teacher,
+            k,
+            temperature: 1.0,
+            values: values.into(),
+            vocab_rows,
+            id_bits: id_bits(vocab_rows + 1), // one spare code for padding
+            vocabulary,
+            traces: cfg.traces.clone(),
+            chat_template: cfg.chat_template.clone(),
+            max_len: cfg.max_len,
+            records: 0,
+            positions: 0,
+            bytes_per_token: 0.0,
+            complete: false,
+        }
+    }
+
     /// Bytes of one position.
     fn position_bytes(&self) -> usize {
         (self.k * self.id_bits as usize).div_ceil(8) + 2 * self.k + 2
@@ -538,26 +566,11 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary, LabelError> {
     let encoder = Encoder::new(renderer, cfg.eot_token.as_deref())?;
     let rows = engine.weights().dims().vocab;
     let k = cfg.top_k.min(rows);
-    let meta = LabelMeta {
-        format: FORMAT.into(),
-        teacher: match &cfg.adapter {
-            Some(a) => format!("{} + {}", cfg.model.display(), a.display()),
-            None => cfg.model.display().to_string(),
-        },
-        k,
-        temperature: 1.0,
-        values: "raw".into(),
-        vocab_rows: rows,
-        id_bits: id_bits(rows + 1), // one spare code for padding
-        vocabulary: tokenizer.fingerprint(),
-        traces: cfg.traces.clone(),
-        chat_template: cfg.chat_template.clone(),
-        max_len: cfg.max_len,
-        records: 0,
-        positions: 0,
-        bytes_per_token: 0.0,
-        complete: false,
+    let teacher = match &cfg.adapter {
+        Some(a) => format!("{} + {}", cfg.model.display(), a.display()),
+        None => cfg.model.display().to_string(),
     };
+    let meta = LabelMeta::new(teacher, k, "raw", rows, tokenizer.fingerprint(), cfg);
     let mut writer = LabelWriter::open(&cfg.out_dir, meta)?;
     let done = writer.done.clone();
     let traces = crate::trace::read_traces(&cfg.traces)?;
@@ -811,23 +824,14 @@ pub fn label_from_trace_logprobs(cfg: &LabelConfig) -> Result<LabelSummary, Labe
         .flat_map(|t| t.logprobs.iter().flatten())
         .all(|e| e.model_logprob.is_some());
     let rows = tokenizer.vocabulary().len();
-    let meta = LabelMeta {
-        format: FORMAT.into(),
-        teacher: format!("{} (stored log-probabilities)", first.teacher.model),
+    let meta = LabelMeta::new(
+        format!("{} (stored log-probabilities)", first.teacher.model),
         k,
-        temperature: 1.0,
-        values: if raw { "raw" } else { "endpoint" }.into(),
-        vocab_rows: rows,
-        id_bits: id_bits(rows + 1),
-        vocabulary: tokenizer.fingerprint(),
-        traces: cfg.traces.clone(),
-        chat_template: cfg.chat_template.clone(),
-        max_len: cfg.max_len,
-        records: 0,
-        positions: 0,
-        bytes_per_token: 0.0,
-        complete: false,
-    };
+        if raw { "raw" } else { "endpoint" },
+        rows,
+        tokenizer.fingerprint(),
+        cfg,
+    );
     let mut writer = LabelWriter::open(&cfg.out_dir, meta)?;
     let resumed = writer.done.len();
     let lookup = token_lookup(&tokenizer);

@@ -168,20 +168,7 @@ pub fn distance(cfg: &DistanceConfig) -> Result<Distance, TrainError> {
         }
         (None, Some(t)) => {
             let teacher = OnlineTeacher::load(t, None, cfg.top_k)?;
-            let (tv, sv) = (
-                teacher.tokenizer().vocabulary(),
-                base.tokenizer.vocabulary(),
-            );
-            if let Some(d) = teacher
-                .tokenizer()
-                .fingerprint()
-                .difference(&student_vocab, Some((&tv, &sv)))
-            {
-                return Err(TrainError::Config {
-                    field: "teacher".into(),
-                    msg: format!("the teacher's vocabulary is not the student's: {d}"),
-                });
-            }
+            teacher.check_vocabulary(&base.tokenizer, "teacher")?;
             (None, Some(teacher), cfg.top_k)
         }
         (None, None) => {

@@ -453,21 +453,7 @@ impl Recipe {
         let online = match &l.teacher {
             Some(path) if l.features() || labels.is_none() => {
                 let t = OnlineTeacher::load(path, l.teacher_adapter.as_deref(), l.top_k)?;
-                let (tv, sv) = (t.tokenizer().vocabulary(), base.tokenizer.vocabulary());
-                if let Some(d) = t
-                    .tokenizer()
-                    .fingerprint()
-                    .difference(&student_vocab, Some((&tv, &sv)))
-                {
-                    return Err(TrainError::Config {
-                        field: "loss.teacher".into(),
-                        msg: format!(
-                            "{}: the teacher's vocabulary is not the student's: {d}; \
-                             distillation needs one tokenizer",
-                            path.display()
-                        ),
-                    });
-                }
+                t.check_vocabulary(&base.tokenizer, "loss.teacher")?;
                 self.say(&format!(
                     "online teacher: {} ({} layers, hidden {})",
                     path.display(),

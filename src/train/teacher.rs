@@ -64,6 +64,27 @@ impl OnlineTeacher {
     pub fn hidden(&self) -> usize {
         self.engine.weights().dims().hidden
     }
+
+    /// Refuses a student whose vocabulary is not the teacher's, saying what differs (down to
+    /// the first id whose string differs). `field` names the setting in the error.
+    pub fn check_vocabulary(&self, student: &ChatTokenizer, field: &str) -> Result<(), TrainError> {
+        let teacher = self.tokenizer();
+        let (tv, sv) = (teacher.vocabulary(), student.vocabulary());
+        match teacher
+            .fingerprint()
+            .difference(&student.fingerprint(), Some((&tv, &sv)))
+        {
+            None => Ok(()),
+            Some(d) => Err(TrainError::Config {
+                field: field.into(),
+                msg: format!(
+                    "{}: the teacher's vocabulary is not the student's: {d}; distillation \
+                     needs one tokenizer",
+                    self.engine.source().display()
+                ),
+            }),
+        }
+    }
 }
 
 /// Where the teacher's signals come from, and which are wanted.
