@@ -211,6 +211,20 @@ pub fn sample_targets(s: &Sample) -> Vec<u32> {
         .collect()
 }
 
+/// The trace encoded as `distill train` encodes it, when it can be labelled or measured: it
+/// has an answer, fits in `max_len` tokens and supervises at least one token.
+pub fn encode_supervised(
+    encoder: &Encoder,
+    t: &crate::trace::Trace,
+    max_len: usize,
+) -> Result<Option<Sample>, crate::train::TrainError> {
+    let Some(msgs) = Encoder::trace_messages(t) else {
+        return Ok(None);
+    };
+    let (s, _) = encoder.encode(&msgs, &t.id)?;
+    Ok((s.len() <= max_len && s.n_supervised() > 0).then_some(s))
+}
+
 /// One position to store: top entries and the log of the mass outside them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelPosition {
@@ -587,16 +601,10 @@ pub fn label(cfg: &LabelConfig) -> Result<LabelSummary, LabelError> {
         if done.contains(&t.id) {
             continue;
         }
-        let Some(msgs) = Encoder::trace_messages(t) else {
-            skipped += 1;
-            continue;
-        };
-        let (s, _) = encoder.encode(&msgs, &t.id)?;
-        if s.len() > cfg.max_len || s.n_supervised() == 0 {
-            skipped += 1;
-            continue;
+        match encode_supervised(&encoder, t, cfg.max_len)? {
+            Some(s) => todo.push(s),
+            None => skipped += 1,
         }
-        todo.push(s);
     }
     let resumed = done.len();
     let total_tokens: usize = todo.iter().map(Sample::len).sum();
@@ -842,15 +850,14 @@ pub fn label_from_trace_logprobs(cfg: &LabelConfig) -> Result<LabelSummary, Labe
         if writer.done.contains(&t.id) {
             continue;
         }
-        let (Some(msgs), Some(lps)) = (Encoder::trace_messages(t), t.logprobs.as_ref()) else {
+        let Some(lps) = t.logprobs.as_ref() else {
             skipped += 1;
             continue;
         };
-        let (s, _) = encoder.encode(&msgs, &t.id)?;
-        if s.len() > cfg.max_len || s.n_supervised() == 0 {
+        let Some(s) = encode_supervised(&encoder, t, cfg.max_len)? else {
             skipped += 1;
             continue;
-        }
+        };
         let targets = sample_targets(&s);
         // Every generated token's id, the stop token (which some servers return and the
         // template may render differently) allowed to be unknown.

@@ -143,12 +143,7 @@ pub fn distance(cfg: &DistanceConfig) -> Result<Distance, TrainError> {
     let traces = crate::trace::read_traces(&cfg.traces)?;
     let mut samples = Vec::new();
     for t in &traces {
-        if let Some(msgs) = Encoder::trace_messages(t) {
-            let (s, _) = encoder.encode(&msgs, &t.id)?;
-            if s.len() <= cfg.max_len && s.n_supervised() > 0 {
-                samples.push(s);
-            }
-        }
+        samples.extend(crate::label::encode_supervised(&encoder, t, cfg.max_len)?);
     }
     if samples.is_empty() {
         return Err(TrainError::Data(format!(
