@@ -113,6 +113,13 @@ fn processes_with(needle: &str) -> Vec<u32> {
     found
 }
 
+/// Why the fork server was given up for this configuration, if it was.
+fn fork_server_unusable(cfg: &SandboxConfig) -> Option<String> {
+    Sandbox::new(cfg.clone())
+        .ok()
+        .and_then(|s| s.fork_server_unusable())
+}
+
 fn assert_verdict(r: &CodeResult, expected: CodeVerdict) {
     assert_eq!(r.verdict, expected, "unexpected verdict: {r:#?}");
 }
@@ -149,8 +156,9 @@ fn human_eval_canonical_solutions_pass_in(cfg: SandboxConfig) {
         results
             .iter()
             .all(|r| r.isolation.fork_server == cfg.fork_server),
-        "launch path not as configured: {:?}",
-        results[0]
+        "launch path not as configured: {:?}; fork server given up: {:?}",
+        results[0],
+        fork_server_unusable(&cfg)
     );
     // The interpreter finds everything it needs under read confinement.
     if landlock_available() {
@@ -320,7 +328,12 @@ fn early_exits_never_pass_in(base: SandboxConfig) {
     for program in programs {
         let r = check(&func_job(program, test, "f"), &base);
         assert_verdict(&r, CodeVerdict::RuntimeError);
-        assert_eq!(r.isolation.fork_server, base.fork_server, "{r:#?}");
+        assert_eq!(
+            r.isolation.fork_server,
+            base.fork_server,
+            "{r:#?}; fork server given up: {:?}",
+            fork_server_unusable(&base)
+        );
     }
 }
 

@@ -83,6 +83,14 @@ pub(crate) fn known_unusable(python: &Path, plan: Plan) -> bool {
         .unwrap_or(false)
 }
 
+/// The failure that made fork servers unusable for this interpreter and plan.
+pub(crate) fn unusable_reason(python: &Path, plan: Plan) -> Option<String> {
+    unusable()
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&(python.to_path_buf(), plan)).cloned())
+}
+
 fn mark_unusable(python: &Path, plan: Plan, why: &str) {
     tracing::warn!(
         reason = why,

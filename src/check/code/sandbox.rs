@@ -370,14 +370,32 @@ impl Sandbox {
         self.plan.isolation()
     }
 
+    /// Why programs of this sandbox are spawned one interpreter each although
+    /// [`SandboxConfig::fork_server`] asked for a fork server: the failure of
+    /// the last fresh server tried. `None` while the fork server is in use.
+    pub fn fork_server_unusable(&self) -> Option<String> {
+        super::forkserver::unusable_reason(&self.python, self.plan)
+    }
+
     /// Run the interpreter once with `args` under the sandbox.
     pub(crate) fn run(&self, req: &RunRequest<'_>) -> Result<RunOutcome, CodeCheckError> {
         use super::forkserver::{self, ForkError};
         if self.config.fork_server && !forkserver::known_unusable(&self.python, self.plan) {
-            match forkserver::run(&self.config, &self.python, self.plan, &self.read, req) {
-                Ok(out) => return Ok(out),
-                Err(ForkError::Run(e)) => return Err(e),
-                Err(ForkError::Unusable(why)) => forkserver::give_up(&self.python, self.plan, &why),
+            // A fresh server that fails its first job may have met a passing
+            // condition (a loaded machine, a slow first start): one more fresh
+            // server gets the job before this interpreter and plan fall back to
+            // spawning for the rest of the process.
+            for attempt in 1..=FORK_SERVER_STARTS {
+                match forkserver::run(&self.config, &self.python, self.plan, &self.read, req) {
+                    Ok(out) => return Ok(out),
+                    Err(ForkError::Run(e)) => return Err(e),
+                    Err(ForkError::Unusable(why)) if attempt < FORK_SERVER_STARTS => {
+                        tracing::debug!(reason = %why, "code sandbox: fork server failed its first job, starting another");
+                    }
+                    Err(ForkError::Unusable(why)) => {
+                        forkserver::give_up(&self.python, self.plan, &why)
+                    }
+                }
             }
         }
         run_with_plan(&self.config, &self.python, self.plan, &self.read, req)
@@ -763,6 +781,10 @@ unsafe fn mount_own_proc() -> io::Result<()> {
         std::ptr::null(),
     ) as libc::c_long)
 }
+
+/// Fresh fork servers tried, each failing its first job, before a sandbox
+/// falls back to spawning one interpreter per program.
+const FORK_SERVER_STARTS: usize = 2;
 
 fn next_uid(base: u32) -> u32 {
     // Distinct per concurrent run within this process, and spread across
