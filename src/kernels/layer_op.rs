@@ -28,13 +28,13 @@ use super::ops::{
     AttentionOp, Dims, Shared, CHUNK,
 };
 use crate::model::lora::{next_dropout_key, DropoutMask, LoraAdapter, LoraLinear};
-use crate::model::RmsNorm;
+use crate::model::{Packing, RmsNorm};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex, RwLockReadGuard};
 
-/// Tables every layer of one forward pass shares: the attention mask (with its per-block key
-/// ranges) and the rotary cos/sin of each position, as flat f32.
+/// Tables every layer of one forward pass shares: the keys each token attends to (with
+/// their per-block ranges) and the rotary cos/sin of each position, as flat f32.
 pub(crate) struct LayerContext {
     attn: AttentionOp,
     cos: Arc<Vec<f32>>,
@@ -44,10 +44,10 @@ pub(crate) struct LayerContext {
 }
 
 impl LayerContext {
-    /// Builds the tables from the `(batch, 1, seq, seq)` mask and the `(batch, 1, seq,
-    /// head_dim / 2)` rotary tables of one forward pass.
-    pub fn new(mask: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Self> {
-        let (b, _, t, _) = mask.dims4()?;
+    /// Builds the tables from the batch's packing and the `(batch, 1, seq, head_dim / 2)`
+    /// rotary tables of one forward pass.
+    pub fn new(packing: &Packing, cos: &Tensor, sin: &Tensor) -> Result<Self> {
+        let (b, t) = packing.dims();
         let table = |x: &Tensor| -> Result<Arc<Vec<f32>>> {
             Ok(Arc::new(
                 x.to_dtype(candle_core::DType::F32)?
@@ -56,7 +56,7 @@ impl LayerContext {
             ))
         };
         Ok(Self {
-            attn: AttentionOp::new(Dims::dense(b, t, 1, 1, 1), mask)?,
+            attn: AttentionOp::new(Dims::dense(b, t, 1, 1, 1), packing.spans().clone())?,
             cos: table(cos)?,
             sin: table(sin)?,
             b,
@@ -1037,18 +1037,16 @@ mod tests {
         o_bias: bool,
         targets: &[&str],
     ) -> Result<()> {
-        fused_matches_per_op_masked(model_type, qkv_bias, o_bias, targets, false, 0.0)
+        fused_matches_per_op_dropout(model_type, qkv_bias, o_bias, targets, 0.0)
     }
 
-    /// As above; `holes` also masks scattered earlier keys, so that the allowed keys of a
-    /// row are no longer one run (the attention's general-mask path); `dropout` is the
-    /// adapters' dropout, both paths drawing their masks from the same seeded stream.
-    fn fused_matches_per_op_masked(
+    /// As above with the adapters' `dropout`, both paths drawing their masks from the same
+    /// seeded stream.
+    fn fused_matches_per_op_dropout(
         model_type: &str,
         qkv_bias: bool,
         o_bias: bool,
         targets: &[&str],
-        holes: bool,
         dropout: f32,
     ) -> Result<()> {
         let dev = Device::Cpu;
@@ -1059,17 +1057,7 @@ mod tests {
             (0..t).map(|i| u32::from(i >= 45)).collect(),
             (0..t).map(|i| (i / 20) as u32).collect(),
         ];
-        let mut packing = Packing::from_segments(&segments, None, &dev).expect("packing");
-        if holes {
-            let mut m = packing.mask.flatten_all()?.to_vec1::<f32>()?;
-            for (idx, v) in m.iter_mut().enumerate() {
-                let (i, j) = ((idx / t) % t, idx % t);
-                if j < i && (i + j) % 3 == 0 {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-            packing.mask = Tensor::from_vec(m, (2, 1, t, t), &dev)?;
-        }
+        let packing = Packing::from_segments(&segments, None, &dev).expect("packing");
         let rotary = RotaryEmbedding::new(&cfg, &dev).expect("rotary");
         let (cos, sin) = rotary
             .tables(&packing.position_ids, DType::F32)
@@ -1081,9 +1069,10 @@ mod tests {
             let inputs = LayerInputs {
                 cos: &cos,
                 sin: &sin,
-                mask: &packing.mask,
+                packing: &packing,
+                mask: std::cell::OnceCell::new(),
                 fused: if fused {
-                    Some(LayerContext::new(&packing.mask, &cos, &sin)?)
+                    Some(LayerContext::new(&packing, &cos, &sin)?)
                 } else {
                     None
                 },
@@ -1131,18 +1120,13 @@ mod tests {
         fused_matches_per_op("llama", true, true, &ALL_TARGET_MODULES)
     }
 
-    #[test]
-    fn fused_layer_matches_per_op_with_a_general_mask() -> Result<()> {
-        fused_matches_per_op_masked("llama", false, false, &ALL_TARGET_MODULES, true, 0.0)
-    }
-
     /// Adapter dropout: the merged-weight path plus a per-projection correction for the
     /// dropped-out input equals the per-op path, which applies the same masks to the input.
     #[test]
     fn fused_layer_matches_per_op_with_dropout() -> Result<()> {
-        fused_matches_per_op_masked("llama", false, false, &ALL_TARGET_MODULES, false, 0.3)?;
+        fused_matches_per_op_dropout("llama", false, false, &ALL_TARGET_MODULES, 0.3)?;
         let some = ["q_proj", "v_proj", "up_proj", "down_proj"];
-        fused_matches_per_op_masked("qwen2", true, false, &some, false, 0.1)
+        fused_matches_per_op_dropout("qwen2", true, false, &some, 0.1)
     }
 
     /// Adapters on a subset of the projections (PEFT's Llama default, and one with a gap in
@@ -1165,7 +1149,7 @@ mod tests {
         let (cos, sin) = rotary
             .tables(&packing.position_ids, DType::F32)
             .expect("tables");
-        let ctx = LayerContext::new(&packing.mask, &cos, &sin)?;
+        let ctx = LayerContext::new(&packing, &cos, &sin)?;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 40, HIDDEN), &dev)?)?;
         let kept = decoder_layer(x.as_tensor(), &layer.refs(), &ctx, true)?.expect("fused");
         let lost = decoder_layer(x.as_tensor(), &layer.refs(), &ctx, false)?.expect("fused");

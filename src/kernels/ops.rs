@@ -131,14 +131,6 @@ fn max_of(xs: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
-/// `row = softmax(row + mask)` in place; returns [`softmax_in_place`]'s `(max, sum)`.
-fn softmax_masked(row: &mut [f32], mask: &[f32]) -> (f32, f32) {
-    for (v, m) in row.iter_mut().zip(mask) {
-        *v += m;
-    }
-    softmax_in_place(row)
-}
-
 /// `row = exp(row - shift)` in place (probabilities from a saved log-sum-exp).
 fn exp_shifted(row: &mut [f32], shift: f32) {
     for v in row.iter_mut() {
@@ -337,22 +329,22 @@ pub(crate) fn rope_rows(
 /// Query rows per attention task.
 const QUERY_BLOCK: usize = 32;
 
-/// `softmax(q k^T * scale + mask) v` with grouped-query heads on `(batch, seq, heads,
-/// head_dim)` inputs (`k`/`v` with `heads / n_rep` heads); output in the same layout. The
-/// probabilities are recomputed in the backward pass instead of being kept.
+/// `softmax(q k^T * scale) v` over each query row's allowed keys, with grouped-query heads on
+/// `(batch, seq, heads, head_dim)` inputs (`k`/`v` with `heads / n_rep` heads); output in the
+/// same layout. The probabilities are recomputed in the backward pass instead of being kept.
+///
+/// Which keys a row sees is one contiguous run per row (causal attention within its packed
+/// sample, see [`crate::model::Packing`]): `b * t` pairs, never a `(b, t, t)` mask.
 ///
 /// The query and key/value buffers may have wider rows than their heads (`Dims::ldq`,
 /// `Dims::ldkv`), so that a fused q/k/v projection output is read in place.
 #[derive(Clone)]
 pub(crate) struct AttentionOp {
-    /// `(batch, seq, seq)` additive mask (0 or -inf).
-    mask: Arc<Vec<f32>>,
-    /// Per (batch, query block): keys past this column are masked for every row of the block.
+    /// Per (batch, query block): no row of the block sees a key at or past this column.
     key_end: Arc<Vec<usize>>,
-    /// Per (batch, query row): the keys `lo..hi` the mask allows, when every row's allowed
-    /// keys are one contiguous run (causal and packed masks are); `None` for other masks.
-    /// The softmax then skips the masked keys instead of adding `-inf` to them.
-    spans: Option<Arc<Vec<(u32, u32)>>>,
+    /// Per (batch, query row): the keys `lo..hi` the row attends to. The softmax skips the
+    /// others instead of adding `-inf` to them.
+    spans: Arc<Vec<(u32, u32)>>,
     scale: f32,
     /// Sizes, fixed when the op is built (the inputs may be 3-D or 4-D views of them).
     dims: Dims,
@@ -508,31 +500,16 @@ impl AttentionOp {
         sgemm(n, ke, d, self.scale, Mat::new(qs, d), km, 0.0, p, ke, 1);
         for (idx, row) in p[..n * ke].chunks_mut(ke).enumerate() {
             let r = r0 + idx % rows;
-            let m0 = (bi * t + r) * t;
             let at = self.lse_at(dm, bi, kh * rep + idx / rows, r);
-            match (&self.spans, lse) {
-                (Some(spans), lse) => {
-                    let (lo, hi) = spans[bi * t + r];
-                    let (lo, hi) = (lo as usize, (hi as usize).min(ke));
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    let live = &mut row[lo..hi];
-                    match lse {
-                        Some(l) => exp_shifted(live, l[at]),
-                        None => {
-                            let (max, z) = softmax_in_place(live);
-                            keep(idx, max + z.ln());
-                        }
-                    }
-                }
-                (None, Some(l)) => {
-                    for (v, m) in row.iter_mut().zip(&self.mask[m0..m0 + ke]) {
-                        *v += m;
-                    }
-                    exp_shifted(row, l[at]);
-                }
-                (None, None) => {
-                    let (max, z) = softmax_masked(row, &self.mask[m0..m0 + ke]);
+            let (lo, hi) = self.spans[bi * t + r];
+            let (lo, hi) = ((lo as usize).min(ke), (hi as usize).min(ke));
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let live = &mut row[lo..hi];
+            match lse {
+                Some(l) => exp_shifted(live, l[at]),
+                None => {
+                    let (max, z) = softmax_in_place(live);
                     keep(idx, max + z.ln());
                 }
             }
@@ -698,45 +675,35 @@ impl AttentionOp {
 }
 
 impl AttentionOp {
-    /// The op for `dm` with a `(batch, 1, seq, seq)` additive mask: the mask copied to a flat
-    /// f32 buffer, and for each block of query rows the last key any of them sees.
-    pub fn new(dm: Dims, mask: &Tensor) -> Result<Self> {
+    /// The op for `dm` where query row `r` of batch `bi` attends to keys `spans[bi * t + r]`
+    /// (`lo..hi`, `lo < hi <= t`); for each block of query rows, the last key any of them sees.
+    pub fn new(dm: Dims, spans: Arc<Vec<(u32, u32)>>) -> Result<Self> {
         let (b, t) = (dm.b, dm.t);
-        if mask.dims() != [b, 1, t, t] {
+        if spans.len() != b * t {
             bail!(
-                "attention: mask {:?} for batch {b} and seq {t}",
-                mask.dims()
+                "attention: {} key spans for batch {b} and seq {t}",
+                spans.len()
             );
         }
-        let mask: Vec<f32> = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some((i, (lo, hi))) = spans
+            .iter()
+            .enumerate()
+            .find(|(_, (lo, hi))| lo >= hi || *hi as usize > t)
+        {
+            bail!("attention: row {i} attends to keys {lo}..{hi} of {t}");
+        }
         let nb = dm.blocks();
         let mut key_end = vec![1usize; b * nb];
         for bi in 0..b {
             for blk in 0..nb {
                 let (r0, r1) = dm.rows(blk);
                 for r in r0..r1 {
-                    let row = &mask[(bi * t + r) * t..(bi * t + r + 1) * t];
-                    if let Some(j) = row.iter().rposition(|m| m.is_finite()) {
-                        key_end[bi * nb + blk] = key_end[bi * nb + blk].max(j + 1);
-                    }
+                    let end = spans[bi * t + r].1 as usize;
+                    key_end[bi * nb + blk] = key_end[bi * nb + blk].max(end);
                 }
             }
         }
-        let spans = (0..b * t)
-            .map(|row| {
-                let m = &mask[row * t..(row + 1) * t];
-                let lo = m.iter().position(|v| *v == 0.0)?;
-                let hi = lo + m[lo..].iter().take_while(|v| **v == 0.0).count();
-                let rest_masked = m[..lo]
-                    .iter()
-                    .chain(&m[hi..])
-                    .all(|v| *v == f32::NEG_INFINITY);
-                rest_masked.then_some((lo as u32, hi as u32))
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(Arc::new);
         Ok(Self {
-            mask: Arc::new(mask),
             key_end: Arc::new(key_end),
             spans,
             scale: 1.0 / (dm.d as f32).sqrt(),
@@ -744,10 +711,9 @@ impl AttentionOp {
         })
     }
 
-    /// The same mask for other heads or another layout of the same batch and length.
+    /// The same key spans for other heads or another layout of the same batch and length.
     pub fn with_dims(&self, dims: Dims) -> Self {
         Self {
-            mask: self.mask.clone(),
             key_end: self.key_end.clone(),
             spans: self.spans.clone(),
             scale: 1.0 / (dims.d as f32).sqrt(),
@@ -770,6 +736,7 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Packing;
     use candle_core::{CustomOp3, Device, Var};
 
     // The attention kernel as a graph node of its own, so that candle's autograd can check it.
@@ -854,15 +821,15 @@ mod tests {
     }
 
     /// Fused attention for f32 CPU tensors in `(batch, seq, heads, head_dim)` layout (`k`/`v` may
-    /// have fewer heads, grouped-query style) with a `(batch, 1, seq, seq)` additive mask; output
+    /// have fewer heads, grouped-query style) with the key spans of `packing`; output
     /// `(batch, seq, heads, head_dim)`. `None` when not applicable.
     pub fn attention_bthd(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        mask: &Tensor,
+        packing: &Packing,
     ) -> Result<Option<Tensor>> {
-        attention_heads(q, k, v, q.dims4()?.2, k.dims4()?.2, mask)
+        attention_heads(q, k, v, q.dims4()?.2, k.dims4()?.2, packing)
     }
 
     /// [`attention_bthd`] on `q` laid out as `(batch, seq, nh * head_dim)` and `k`/`v` as
@@ -874,7 +841,7 @@ mod tests {
         v: &Tensor,
         nh: usize,
         nkv: usize,
-        mask: &Tensor,
+        packing: &Packing,
     ) -> Result<Option<Tensor>> {
         if !fused_f32(&[q, k, v]) {
             return Ok(None);
@@ -905,7 +872,7 @@ mod tests {
                 v.dims()
             );
         }
-        let op = AttentionOp::new(Dims::dense(b, t, nh, nkv, d), mask)?;
+        let op = AttentionOp::new(Dims::dense(b, t, nh, nkv, d), packing.spans().clone())?;
         Ok(Some(q.contiguous()?.apply_op3(
             &k.contiguous()?,
             &v.contiguous()?,
@@ -1000,14 +967,16 @@ mod tests {
             &Device::Cpu,
         )
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let mask = packing.mask;
+        let mask = packing
+            .mask()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         check(
             &[
                 randn(&[b, t, nh, d])?,
                 randn(&[b, t, nkv, d])?,
                 randn(&[b, t, nkv, d])?,
             ],
-            |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &mask)?.expect("f32")),
+            |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &packing)?.expect("f32")),
             |x| reference_attention(x, nh / nkv, &mask),
         )
     }
@@ -1048,14 +1017,16 @@ mod tests {
         let seg = |cut: usize| (0..t).map(|i| u32::from(i >= cut)).collect::<Vec<u32>>();
         let packing = crate::model::Packing::from_segments(&[seg(70), seg(t)], None, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let mask = packing.mask;
+        let mask = packing
+            .mask()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         check(
             &[
                 randn(&[b, t, nh, d])?,
                 randn(&[b, t, nkv, d])?,
                 randn(&[b, t, nkv, d])?,
             ],
-            |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &mask)?.expect("f32")),
+            |x| Ok(attention_bthd(&x[0], &x[1], &x[2], &packing)?.expect("f32")),
             |x| reference_attention(x, nh / nkv, &mask),
         )
     }

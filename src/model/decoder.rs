@@ -85,8 +85,11 @@ pub struct LayerInputs<'a> {
     pub cos: &'a Tensor,
     /// `(batch, 1, seq, head_dim / 2)`.
     pub sin: &'a Tensor,
-    /// `(batch, 1, seq, seq)` additive mask.
-    pub mask: &'a Tensor,
+    /// Positions and the keys each token attends to.
+    pub packing: &'a Packing,
+    /// The packing's dense `(batch, 1, seq, seq)` mask, built the first time a layer runs on
+    /// candle's attention (the fused kernels read the key spans instead).
+    pub mask: std::cell::OnceCell<Tensor>,
     pub(crate) fused: Option<LayerContext>,
     /// Adapter dropout is active, and the fused node keeps what its backward pass needs.
     pub train: bool,
@@ -155,7 +158,14 @@ impl DecoderLayer {
                 return Ok(y);
             }
         }
-        let (cos, sin, mask, train) = (inp.cos, inp.sin, inp.mask, inp.train);
+        let (cos, sin, train) = (inp.cos, inp.sin, inp.train);
+        let mask = match inp.mask.get() {
+            Some(m) => m,
+            None => {
+                let m = inp.packing.mask()?;
+                inp.mask.get_or_init(|| m)
+            }
+        };
         let h = self.input_layernorm.forward(xs)?;
         let xs = (xs + self.self_attn.forward(&h, cos, sin, mask, train)?)?;
         let h = self.post_attention_layernorm.forward(&xs)?;
@@ -223,11 +233,10 @@ impl Student {
         opts: &ForwardOptions,
     ) -> Result<ModelOutput> {
         let (b, t) = input_ids.dims2()?;
-        if packing.position_ids.dims() != [b, t] || packing.mask.dims() != [b, 1, t, t] {
+        if packing.position_ids.dims() != [b, t] || packing.dims() != (b, t) {
             return Err(ModelError::Input(format!(
-                "packing shapes {:?}/{:?} do not match input_ids {:?}",
-                packing.position_ids.dims(),
-                packing.mask.dims(),
+                "packing {:?} does not match input_ids {:?}",
+                packing.dims(),
                 input_ids.dims()
             )));
         }
@@ -251,13 +260,14 @@ impl Student {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
         let fused = match self.kernels {
-            Kernels::Fused => Some(LayerContext::new(&packing.mask, &cos, &sin)?),
+            Kernels::Fused => Some(LayerContext::new(packing, &cos, &sin)?),
             Kernels::Candle => None,
         };
         let inputs = LayerInputs {
             cos: &cos,
             sin: &sin,
-            mask: &packing.mask,
+            packing,
+            mask: std::cell::OnceCell::new(),
             fused,
             train: opts.train,
         };

@@ -28,6 +28,7 @@ use crate::kernels::ops;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Errors raised while loading, running or exporting a student model.
 ///
@@ -349,17 +350,22 @@ impl Kernels {
     }
 }
 
-/// Positions and attention mask of a (possibly packed) batch.
+/// Positions and attention of a (possibly packed) batch.
 ///
 /// Packing several samples in one row saves padding; `Packing` makes the model treat each
-/// sample as if it were alone: positions restart at every sample boundary and the mask blocks
-/// attention across boundaries (in addition to the causal mask).
+/// sample as if it were alone: positions restart at every sample boundary and each token
+/// attends only to the earlier tokens of its own sample. What a token sees is one run of keys,
+/// kept as a `(lo, hi)` pair per token: `8 * batch * seq` bytes, where a dense additive mask
+/// takes `4 * batch * seq * seq` (64 MB at 4 × 2048). The dense mask is built only for
+/// candle's own attention ([`Packing::mask`]).
 #[derive(Debug, Clone)]
 pub struct Packing {
     /// `(batch, seq)` u32 rotary positions.
     pub position_ids: Tensor,
-    /// `(batch, 1, seq, seq)` f32 additive mask (0 or -inf).
-    pub mask: Tensor,
+    /// Per (batch, token), row-major: the keys `lo..hi` the token attends to.
+    spans: Arc<Vec<(u32, u32)>>,
+    batch: usize,
+    seq: usize,
 }
 
 impl Packing {
@@ -368,9 +374,10 @@ impl Packing {
         Self::from_segments(&vec![vec![0u32; seq]; batch], None, device)
     }
 
-    /// Packed rows: `segment_ids[b][t]` identifies the sample token `t` of row `b` belongs to.
-    /// Tokens attend only to earlier tokens of the same segment. Positions restart at 0 at
-    /// every change of segment id unless `position_ids` are given explicitly.
+    /// Packed rows: `segment_ids[b][t]` identifies the sample token `t` of row `b` belongs to;
+    /// a sample is a run of equal ids, and a change of id starts the next one. Tokens attend
+    /// only to earlier tokens of their sample. Positions restart at 0 with every sample unless
+    /// `position_ids` are given explicitly.
     pub fn from_segments(
         segment_ids: &[Vec<u32>],
         position_ids: Option<&[Vec<u32>]>,
@@ -383,6 +390,16 @@ impl Packing {
                 "segment_ids rows have different lengths".into(),
             ));
         }
+        let mut spans = Vec::with_capacity(batch * seq);
+        for row in segment_ids {
+            let mut start = 0usize;
+            for t in 0..seq {
+                if t > 0 && row[t - 1] != row[t] {
+                    start = t;
+                }
+                spans.push((start as u32, t as u32 + 1));
+            }
+        }
         let positions: Vec<u32> = match position_ids {
             Some(p) => {
                 if p.len() != batch || p.iter().any(|r| r.len() != seq) {
@@ -392,38 +409,43 @@ impl Packing {
                 }
                 p.iter().flatten().copied().collect()
             }
-            None => segment_ids
+            None => spans
                 .iter()
-                .flat_map(|row| {
-                    let mut pos = 0u32;
-                    row.iter()
-                        .enumerate()
-                        .map(|(t, s)| {
-                            if t > 0 && row[t - 1] != *s {
-                                pos = 0;
-                            }
-                            let p = pos;
-                            pos += 1;
-                            p
-                        })
-                        .collect::<Vec<_>>()
-                })
+                .enumerate()
+                .map(|(i, (lo, _))| (i % seq.max(1)) as u32 - lo)
                 .collect(),
         };
-        let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
-        for (b, row) in segment_ids.iter().enumerate() {
-            for i in 0..seq {
-                for j in 0..=i {
-                    if row[i] == row[j] {
-                        mask[(b * seq + i) * seq + j] = 0.0;
-                    }
-                }
-            }
-        }
         Ok(Self {
             position_ids: Tensor::from_vec(positions, (batch, seq), device)?,
-            mask: Tensor::from_vec(mask, (batch, 1, seq, seq), device)?,
+            spans: Arc::new(spans),
+            batch,
+            seq,
         })
+    }
+
+    /// `(batch, seq)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.batch, self.seq)
+    }
+
+    /// Per (batch, token), row-major: the keys `lo..hi` the token attends to.
+    pub fn spans(&self) -> &Arc<Vec<(u32, u32)>> {
+        &self.spans
+    }
+
+    /// The `(batch, 1, seq, seq)` f32 additive mask (0 or -inf) of the same attention, on the
+    /// device of the positions, for candle's own attention.
+    pub fn mask(&self) -> Result<Tensor> {
+        let (b, t) = (self.batch, self.seq);
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (i, (lo, hi)) in self.spans.iter().enumerate() {
+            mask[i * t + *lo as usize..i * t + *hi as usize].fill(0.0);
+        }
+        Ok(Tensor::from_vec(
+            mask,
+            (b, 1, t, t),
+            self.position_ids.device(),
+        )?)
     }
 }
 
@@ -814,11 +836,19 @@ mod tests {
     fn packing_positions_and_mask() -> Result<()> {
         let p = Packing::from_segments(&[vec![7, 7, 3, 3, 3]], None, &Device::Cpu)?;
         assert_eq!(p.position_ids.to_vec2::<u32>()?, vec![vec![0, 1, 0, 1, 2]]);
-        let m = p.mask.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+        assert_eq!(
+            p.spans().as_slice(),
+            &[(0, 1), (0, 2), (2, 3), (2, 4), (2, 5)]
+        );
+        let m = p.mask()?.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
         assert_eq!(m[1][0], 0.0);
         assert_eq!(m[0][1], f32::NEG_INFINITY);
         assert_eq!(m[2][1], f32::NEG_INFINITY);
         assert_eq!(m[4][2], 0.0);
+        // An id seen before, after another sample, starts a new sample.
+        let p = Packing::from_segments(&[vec![7, 7, 3, 7]], None, &Device::Cpu)?;
+        assert_eq!(p.position_ids.to_vec2::<u32>()?, vec![vec![0, 1, 0, 0]]);
+        assert_eq!(p.spans()[3], (3, 4));
         assert!(Packing::from_segments(&[vec![0, 0], vec![0]], None, &Device::Cpu).is_err());
         Ok(())
     }
