@@ -270,6 +270,10 @@ pub struct TrainArgs {
     /// Pack several samples per row (no attention across them).
     #[arg(long)]
     pub packing: bool,
+    /// Train every weight of the decoder layers instead of LoRA adapters (for a depth-pruned
+    /// student); exports a whole model to the output directory.
+    #[arg(long)]
+    pub full_finetune: bool,
     /// Resume from the latest checkpoint in the output directory.
     #[arg(long)]
     pub resume: bool,
@@ -1497,6 +1501,7 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
         lora_alpha: a.lora_alpha,
         lora_dropout: a.lora_dropout,
         packing: a.packing.then_some(true),
+        full_finetune: a.full_finetune.then_some(true),
         device: None,
         resume: match (&a.resume_from, a.resume) {
             (Some(p), _) => Some(Resume::From(p.clone())),
@@ -1570,7 +1575,12 @@ fn train_cmd(a: TrainArgs) -> anyhow::Result<Outcome> {
                 .with_context(|| format!("writing the model card in {}", dir.display()))?;
         }
         eprintln!(
-            "train: PEFT adapter in {} (model card README.md with the teachers' licences)",
+            "train: {} in {} (model card README.md with the teachers' licences)",
+            if cfg.full_finetune {
+                "model (every decoder layer trained)"
+            } else {
+                "PEFT adapter"
+            },
             dir.display()
         );
     }

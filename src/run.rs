@@ -350,15 +350,24 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
     });
 
     let ev = table_with_model(cfg, "eval", model);
+    // With full-parameter training the student is a whole model, not an adapter.
+    let full = tr
+        .get("full_finetune")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
     for (name, adapter, upstream) in [
         ("eval-base", None, None),
         ("eval-student", Some(student.clone()), Some(&train_fp)),
     ] {
         let dir = out.join(name);
         let mut args = vec!["eval".to_string()];
-        args.extend(flags(&ev, file, "eval")?);
+        let mut row = ev.clone();
+        if let (Some(a), true) = (&adapter, full) {
+            row.insert("model".into(), toml::Value::String(a.display().to_string()));
+        }
+        args.extend(flags(&row, file, "eval")?);
         args.extend(["--out-dir".into(), dir.display().to_string()]);
-        if let Some(a) = &adapter {
+        if let (Some(a), false) = (&adapter, full) {
             args.extend(["--adapter".into(), a.display().to_string()]);
         }
         stages.push(Stage {
@@ -415,14 +424,17 @@ fn plan(cfg: &toml::Table, file: &Path, out: &Path) -> anyhow::Result<Vec<Stage>
             .or(model)
             .map(str::to_string)
             .unwrap_or_default();
-        args.extend([
-            "--model".into(),
-            student_base,
-            "--adapter".into(),
-            student.display().to_string(),
-            "--out-dir".into(),
-            dir.display().to_string(),
-        ]);
+        if full {
+            args.extend(["--model".into(), student.display().to_string()]);
+        } else {
+            args.extend([
+                "--model".into(),
+                student_base,
+                "--adapter".into(),
+                student.display().to_string(),
+            ]);
+        }
+        args.extend(["--out-dir".into(), dir.display().to_string()]);
         if let Some(t) = gen.get("model").and_then(|v| v.as_str()) {
             if !dep.contains_key("teacher") && Path::new(t).exists() {
                 args.extend(["--teacher".into(), t.to_string()]);

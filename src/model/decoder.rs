@@ -15,7 +15,8 @@ use super::{
     ModelOutput, Packing, Result, RmsNorm, RotaryEmbedding,
 };
 use crate::kernels::layer_op::{decoder_layer, LayerContext, LayerRefs};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
+use std::collections::BTreeMap;
 
 /// Grouped-query self-attention with rotary embeddings.
 #[derive(Debug, Clone)]
@@ -136,6 +137,27 @@ impl DecoderLayer {
         })
     }
 
+    /// Turns every weight of the layer (projections, biases, both norms) into a trainable
+    /// variable, added to `vars` under its checkpoint name below `prefix` (`model.layers.N`).
+    pub fn make_trainable(&mut self, prefix: &str, vars: &mut BTreeMap<String, Var>) -> Result<()> {
+        let a = &mut self.self_attn;
+        for (name, p) in [
+            ("q_proj", &mut a.q_proj),
+            ("k_proj", &mut a.k_proj),
+            ("v_proj", &mut a.v_proj),
+            ("o_proj", &mut a.o_proj),
+        ] {
+            p.make_trainable(&format!("{prefix}.self_attn.{name}"), vars)?;
+        }
+        for (name, p) in self.mlp.projections_mut() {
+            p.make_trainable(&format!("{prefix}.mlp.{name}"), vars)?;
+        }
+        self.input_layernorm
+            .make_trainable(&format!("{prefix}.input_layernorm"), vars)?;
+        self.post_attention_layernorm
+            .make_trainable(&format!("{prefix}.post_attention_layernorm"), vars)
+    }
+
     /// The parts the fused layer node reads.
     pub(crate) fn refs(&self) -> LayerRefs<'_> {
         let a = &self.self_attn;
@@ -185,6 +207,9 @@ pub struct Student {
     rotary: RotaryEmbedding,
     cfg: Config,
     kernels: Kernels,
+    /// The decoder layers' own weights train ([`Student::train_layers`]): the layers run on
+    /// candle's operations, whose autograd gives weight gradients.
+    layers_trained: bool,
 }
 
 impl Student {
@@ -221,7 +246,22 @@ impl Student {
             rotary,
             cfg,
             kernels,
+            layers_trained: false,
         })
+    }
+
+    /// Full-parameter training of the decoder layers: every projection, bias and norm of every
+    /// layer becomes a trainable variable (embeddings, final norm and output projection stay
+    /// frozen). The layers then run on candle's operations rather than the fused layer node,
+    /// which computes adapter gradients only. Returns the variables by checkpoint name
+    /// (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn train_layers(&mut self) -> Result<BTreeMap<String, Var>> {
+        let mut vars = BTreeMap::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.make_trainable(&format!("model.layers.{i}"), &mut vars)?;
+        }
+        self.layers_trained = true;
+        Ok(vars)
     }
 
     /// Runs the decoder on `input_ids` (`(batch, seq)` u32): embed, run the layers
@@ -260,8 +300,8 @@ impl Student {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, ()))?;
         let fused = match self.kernels {
-            Kernels::Fused => Some(LayerContext::new(packing, &cos, &sin)?),
-            Kernels::Candle => None,
+            Kernels::Fused if !self.layers_trained => Some(LayerContext::new(packing, &cos, &sin)?),
+            Kernels::Fused | Kernels::Candle => None,
         };
         let inputs = LayerInputs {
             cos: &cos,

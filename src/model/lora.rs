@@ -398,6 +398,24 @@ impl LoraLinear {
         self.lora.as_ref()
     }
 
+    /// Turns the weight (and bias) into trainable variables, for full-parameter training,
+    /// and adds them to `vars` as `{module}.weight` / `{module}.bias`.
+    pub fn make_trainable(
+        &mut self,
+        module: &str,
+        vars: &mut std::collections::BTreeMap<String, Var>,
+    ) -> Result<()> {
+        let var = Var::from_tensor(&self.weight)?;
+        self.weight = var.as_tensor().clone();
+        vars.insert(format!("{module}.weight"), var);
+        if let Some(b) = &self.bias {
+            let var = Var::from_tensor(b)?;
+            self.bias = Some(var.as_tensor().clone());
+            vars.insert(format!("{module}.bias"), var);
+        }
+        Ok(())
+    }
+
     /// `x W^T + b + scale * dropout(x) A^T B^T` over the last dimension of `xs`, with
     /// candle's own operations. (In training on f32 CPU tensors the decoder layer runs the
     /// projections in its fused node instead; this path serves other dtypes and devices.)
@@ -407,8 +425,13 @@ impl LoraLinear {
             .last()
             .ok_or_else(|| ModelError::Input("linear input is a scalar".into()))?;
         let x2 = xs.reshape((xs.elem_count() / in_dim.max(1), in_dim))?;
-        // The base weight is detached: its gradient is never needed.
-        let mut y = x2.matmul(&self.weight.detach().t()?)?;
+        // A frozen base weight is detached: its gradient is never needed.
+        let w = if self.weight.is_variable() {
+            self.weight.clone()
+        } else {
+            self.weight.detach()
+        };
+        let mut y = x2.matmul(&w.t()?)?;
         if let Some(l) = &self.lora {
             let xa = if train && l.dropout > 0.0 {
                 dropout(&x2, l.dropout)?

@@ -542,10 +542,26 @@ impl RmsNorm {
         self.eps
     }
 
+    /// Turns the scale into a trainable variable (full-parameter training), added to `vars`
+    /// as `{module}.weight`.
+    pub fn make_trainable(
+        &mut self,
+        module: &str,
+        vars: &mut std::collections::BTreeMap<String, candle_core::Var>,
+    ) -> Result<()> {
+        let var = candle_core::Var::from_tensor(&self.weight)?;
+        self.weight = var.as_tensor().clone();
+        vars.insert(format!("{module}.weight"), var);
+        Ok(())
+    }
+
     /// `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(y) = ops::rms_norm(xs, &self.weight, self.eps)? {
-            return Ok(y);
+        // The fused kernel gives the input's gradient only: a trained scale takes candle's ops.
+        if !self.weight.is_variable() {
+            if let Some(y) = ops::rms_norm(xs, &self.weight, self.eps)? {
+                return Ok(y);
+            }
         }
         let dtype = xs.dtype();
         let xs = xs.to_dtype(DType::F32)?;
@@ -722,6 +738,15 @@ impl Mlp {
     /// `gate_proj`, `up_proj`, `down_proj`.
     pub(crate) fn projections(&self) -> [&lora::LoraLinear; 3] {
         [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
+    /// `gate_proj`, `up_proj`, `down_proj`, with their checkpoint names.
+    pub(crate) fn projections_mut(&mut self) -> [(&'static str, &mut lora::LoraLinear); 3] {
+        [
+            ("gate_proj", &mut self.gate_proj),
+            ("up_proj", &mut self.up_proj),
+            ("down_proj", &mut self.down_proj),
+        ]
     }
 
     /// Loads `gate_proj`, `up_proj`, `down_proj` under `vb` (the `mlp` prefix).

@@ -285,6 +285,12 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Pack several samples per row (attention does not cross samples) instead of padding.
     pub packing: bool,
+    /// Full-parameter training of the decoder layers (every projection, bias and norm) instead
+    /// of LoRA adapters: for a student that adapters cannot recover, such as a depth-pruned
+    /// one. Embeddings, final norm and output projection stay frozen. The run exports a whole
+    /// Hugging Face model rather than an adapter, and takes more memory (weights, gradients and
+    /// two AdamW moments of every layer) and time (candle's operations, not the fused layer).
+    pub full_finetune: bool,
     /// Batches sorted by length together: samples are shuffled, then sorted by length within
     /// windows of `bucket_window` batches, so padding stays small while order stays random.
     pub bucket_window: usize,
@@ -330,6 +336,7 @@ impl Default for TrainConfig {
             save_every: 100,
             keep_checkpoints: 3,
             packing: false,
+            full_finetune: false,
             bucket_window: 32,
             loss_chunk: 512,
             dtype: Precision::F32,
@@ -388,6 +395,8 @@ pub struct TrainOverrides {
     pub lora_dropout: Option<f32>,
     /// `--packing` / `--no-packing`.
     pub packing: Option<bool>,
+    /// `--full-finetune`.
+    pub full_finetune: Option<bool>,
     /// `--device`.
     pub device: Option<String>,
     /// `--resume` / `--resume-from DIR`.
@@ -437,7 +446,7 @@ impl TrainOverrides {
              lr => c.lr, warmup_steps => c.warmup_steps, epochs => c.epochs, seed => c.seed,
              save_every => c.save_every, eval_every => c.eval_every, lora_r => c.lora.r,
              lora_alpha => c.lora.alpha, lora_dropout => c.lora.dropout, packing => c.packing,
-             device => c.device);
+             full_finetune => c.full_finetune, device => c.device);
         if let Some(t) = &self.chat_template {
             c.chat_template = Some(t.clone());
         }

@@ -42,6 +42,8 @@ const INIT_SALT: u64 = 0x1a17_a5ee_d000_0001;
 const PROJECTION_SALT: u64 = 0x9a0f_ec71_0a5e_ed02;
 /// Checkpoint file of the feature projections (not part of the exported adapter).
 const PROJECTION_FILE: &str = "feature_projections.safetensors";
+/// Checkpoint file of the decoder layers' weights under full-parameter training.
+const LAYERS_FILE: &str = "layers.safetensors";
 
 /// Name of feature projection `i` among the trained variables.
 fn projection_name(i: usize) -> String {
@@ -119,7 +121,8 @@ pub struct TrainReport {
     pub data: DataStats,
     /// The preflight example (supervised text in `[[...]]`).
     pub preflight_example: String,
-    /// Where the PEFT adapter was written (the output directory), when the run completed.
+    /// Where the PEFT adapter (with `full_finetune`, the whole model) was written: the output
+    /// directory, when the run completed.
     pub adapter_dir: Option<PathBuf>,
     /// The newest checkpoint written.
     pub last_checkpoint: Option<PathBuf>,
@@ -235,9 +238,25 @@ impl Recipe {
             .unwrap_or_else(|| cfg.model.display().to_string());
         let lora = cfg.lora.to_lora_config(&base_name);
         let varmap = VarMap::new();
-        let model = base.student(Some((&varmap, lora.clone())), self.dtype, &self.device)?;
-        let vars = named_vars(&varmap)?;
-        init_adapters(&vars, cfg.seed)?;
+        let (model, vars) = if cfg.full_finetune {
+            // Full-parameter training: the layers' own weights are the variables.
+            let mut model = base.student(None, self.dtype, &self.device)?;
+            let vars = model.train_layers()?;
+            let params: usize = vars.values().map(|v| v.elem_count()).sum();
+            self.say(&format!(
+                "full-parameter training of {} decoder layers: {} tensors, {:.1}M parameters \
+                 (embeddings, final norm and output projection frozen)",
+                base.config.num_hidden_layers,
+                vars.len(),
+                params as f64 / 1e6
+            ));
+            (model, vars)
+        } else {
+            let model = base.student(Some((&varmap, lora.clone())), self.dtype, &self.device)?;
+            let vars = named_vars(&varmap)?;
+            init_adapters(&vars, cfg.seed)?;
+            (model, vars)
+        };
 
         // Tokenizer and data.
         let renderer =
@@ -574,9 +593,13 @@ impl Recipe {
             .session
             .as_mut()
             .ok_or_else(|| ck_err("setup() not run".into()))?;
-        let w_path = dir.join(lora::ADAPTER_WEIGHTS_FILE);
-        let mut tensors = candle_core::safetensors::load(&w_path, &device)
-            .map_err(|e| ck_err(format!("{}: {e}", lora::ADAPTER_WEIGHTS_FILE)))?;
+        let weights_file = if self.cfg.full_finetune {
+            LAYERS_FILE
+        } else {
+            lora::ADAPTER_WEIGHTS_FILE
+        };
+        let mut tensors = candle_core::safetensors::load(dir.join(weights_file), &device)
+            .map_err(|e| ck_err(format!("{weights_file}: {e}")))?;
         let p_path = dir.join(PROJECTION_FILE);
         if p_path.is_file() {
             tensors.extend(
@@ -587,10 +610,11 @@ impl Recipe {
         for (name, var) in s.optimizer.vars() {
             let t = tensors
                 .get(name)
-                .ok_or_else(|| ck_err(format!("adapter tensor `{name}` missing")))?;
+                .ok_or_else(|| ck_err(format!("{weights_file}: tensor `{name}` missing")))?;
             if t.dims() != var.dims() {
                 return Err(ck_err(format!(
-                    "adapter tensor `{name}` has shape {:?}, the model {:?} (different lora.r?)",
+                    "{weights_file}: tensor `{name}` has shape {:?}, the model {:?} \
+                     (different lora.r or model?)",
                     t.dims(),
                     var.dims()
                 )));
@@ -782,7 +806,11 @@ impl Recipe {
         let s = self.session()?;
         let finished = s.step >= total;
         let adapter_dir = if finished {
-            lora::save_adapter(&cfg.out_dir, &s.varmap, &s.lora)?;
+            if cfg.full_finetune {
+                save_full_model(&cfg, &trained_layers(s), &cfg.out_dir)?;
+            } else {
+                lora::save_adapter(&cfg.out_dir, &s.varmap, &s.lora)?;
+            }
             if let Some(t) = s.encoder.renderer().override_template() {
                 let p = cfg.out_dir.join("chat_template.jinja");
                 std::fs::write(&p, t).map_err(|e| TrainError::io(&p, e))?;
@@ -829,6 +857,7 @@ impl Recipe {
             report.elapsed_s,
             report.tokens_per_s,
             match &report.adapter_dir {
+                Some(d) if cfg.full_finetune => format!("; model in {}", d.display()),
                 Some(d) => format!("; adapter in {}", d.display()),
                 None => String::new(),
             }
@@ -845,6 +874,7 @@ impl Recipe {
         let root = self.cfg.out_dir.join("checkpoints");
         let keep = self.cfg.keep_checkpoints;
         let seed = self.cfg.seed;
+        let full = self.cfg.full_finetune;
         let s = self
             .session
             .as_mut()
@@ -855,7 +885,11 @@ impl Recipe {
             std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-        lora::save_adapter(&tmp, &s.varmap, &s.lora)?;
+        if full {
+            lora::save_safetensors(&trained_layers(s), &tmp.join(LAYERS_FILE))?;
+        } else {
+            lora::save_adapter(&tmp, &s.varmap, &s.lora)?;
+        }
         if let Some(t) = s.teacher.as_ref().filter(|t| !t.projections.is_empty()) {
             let tensors: std::collections::HashMap<String, Tensor> = t
                 .projections
@@ -964,6 +998,46 @@ fn evaluate(s: &Session, cfg: &TrainConfig, device: &Device) -> Result<(f64, f64
         kd += l.kd_sum / total.max(1) as f64;
     }
     Ok((loss, kd))
+}
+
+/// The decoder layers' trained weights by checkpoint name (full-parameter training): every
+/// optimizer variable but the feature projections.
+fn trained_layers(s: &Session) -> std::collections::HashMap<String, Tensor> {
+    s.optimizer
+        .vars()
+        .iter()
+        .filter(|(name, _)| name.starts_with("model.layers."))
+        .map(|(name, v)| (name.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Writes the student of `cfg.model` with its decoder layers replaced by `layers` as a
+/// Hugging Face directory (`config.json`, `model.safetensors`, tokenizer) in `dir`, each
+/// tensor in the dtype of the checkpoint it came from.
+fn save_full_model(
+    cfg: &TrainConfig,
+    layers: &std::collections::HashMap<String, Tensor>,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    use crate::model::load::BaseWeights;
+    let base = BaseModel::load(&cfg.model, &Device::Cpu)?;
+    let mut tensors = base.tensors(&Device::Cpu)?;
+    for (name, t) in layers {
+        let old = tensors.get(name).ok_or_else(|| {
+            TrainError::Data(format!(
+                "{}: no tensor `{name}` to replace with the trained one",
+                cfg.model.display()
+            ))
+        })?;
+        let t = t.to_device(&Device::Cpu)?.to_dtype(old.dtype())?;
+        tensors.insert(name.clone(), t);
+    }
+    let model = BaseModel {
+        weights: BaseWeights::Tensors(tensors),
+        ..base
+    };
+    model.save_merged(dir, None, None)?;
+    Ok(())
 }
 
 /// The adapter `Var`s by PEFT name, in a fixed order.
