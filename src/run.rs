@@ -730,3 +730,59 @@ fn report(out: &Path, recs: &BTreeMap<String, StageRecord>) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_of<'a>(stages: &'a [Stage], name: &str) -> &'a [String] {
+        &stages
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no stage {name}"))
+            .args
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    /// A LoRA student is evaluated and deployed as base + adapter; a full-parameter one as a
+    /// model of its own, with no adapter flag and one `--model`.
+    #[test]
+    fn full_finetune_students_are_evaluated_as_models() -> anyhow::Result<()> {
+        let text = |full: bool| {
+            format!(
+                "model = \"teacher.gguf\"\n[generate]\ndataset = \"d.jsonl\"\n[train]\n\
+                 max_steps = 2\nfull_finetune = {full}\n[eval]\ndataset = \"e.jsonl\"\n[deploy]\n"
+            )
+        };
+        let out = Path::new("runs/x");
+        let file = Path::new("run.toml");
+        let lora = plan(&toml::from_str(&text(false))?, file, out)?;
+        let student = out.join("student").display().to_string();
+        let ev = args_of(&lora, "eval-student");
+        assert_eq!(value_after(ev, "--adapter"), [student.as_str()]);
+        assert_eq!(value_after(ev, "--model"), ["teacher.gguf"]);
+        assert_eq!(
+            value_after(args_of(&lora, "deploy"), "--adapter"),
+            [student.as_str()]
+        );
+
+        let full = plan(&toml::from_str(&text(true))?, file, out)?;
+        assert!(args_of(&full, "train").contains(&"--full-finetune".to_string()));
+        for stage in ["eval-student", "deploy"] {
+            let a = args_of(&full, stage);
+            assert!(value_after(a, "--adapter").is_empty(), "{stage}: {a:?}");
+            assert_eq!(value_after(a, "--model")[0], student, "{stage}: {a:?}");
+        }
+        assert_eq!(
+            value_after(args_of(&full, "eval-base"), "--model"),
+            ["teacher.gguf"]
+        );
+        Ok(())
+    }
+}
