@@ -277,6 +277,34 @@ fn quiet() -> TrainOverrides {
     }
 }
 
+/// Runs `cfg` up to optimizer step `stop` (a checkpoint, no export), then resumes it from the
+/// latest checkpoint to the end; returns both reports.
+fn stop_then_resume(
+    cfg: &TrainConfig,
+    stop: usize,
+) -> R<(distill::train::TrainReport, distill::train::TrainReport)> {
+    let first = distill::train::train(
+        cfg,
+        &TrainOverrides {
+            stop_after: Some(stop),
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(first.steps, stop);
+    assert!(first.adapter_dir.is_none());
+    let second = distill::train::train(
+        cfg,
+        &TrainOverrides {
+            resume: Some(Resume::Latest),
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    assert_eq!(second.resumed_from, Some(stop));
+    Ok((first, second))
+}
+
 fn file_bytes(p: &Path) -> R<Vec<u8>> {
     Ok(std::fs::read(p)?)
 }
@@ -545,29 +573,11 @@ fn resumed_run_matches_uninterrupted_run() -> R<()> {
 
     let mut cfg_b = cfg.clone();
     cfg_b.out_dir = f.root.join("interrupted");
-    let first = distill::train::train(
-        &cfg_b,
-        &TrainOverrides {
-            stop_after: Some(5),
-            quiet: true,
-            ..Default::default()
-        },
-    )?;
-    assert_eq!(first.steps, 5);
-    assert!(first.adapter_dir.is_none());
+    let (first, second) = stop_then_resume(&cfg_b, 5)?;
     assert!(cfg_b
         .out_dir
         .join("checkpoints/step-5/optimizer.safetensors")
         .exists());
-    let second = distill::train::train(
-        &cfg_b,
-        &TrainOverrides {
-            resume: Some(Resume::Latest),
-            quiet: true,
-            ..Default::default()
-        },
-    )?;
-    assert_eq!(second.resumed_from, Some(5));
     assert!(second.config_changes.is_empty());
     let curve = |r: &distill::train::TrainReport| -> Vec<(usize, f64, Option<f64>)> {
         r.history
@@ -798,24 +808,7 @@ fn full_finetune_trains_every_layer_weight_and_exports_a_whole_model() -> R<()> 
     // Stopped at step 5 and resumed: the same curve and bit-identical weights.
     let mut cfg_b = cfg.clone();
     cfg_b.out_dir = f.root.join("full-interrupted");
-    let part = distill::train::train(
-        &cfg_b,
-        &TrainOverrides {
-            stop_after: Some(5),
-            quiet: true,
-            ..Default::default()
-        },
-    )?;
-    assert!(part.adapter_dir.is_none());
-    let rest = distill::train::train(
-        &cfg_b,
-        &TrainOverrides {
-            resume: Some(Resume::Latest),
-            quiet: true,
-            ..Default::default()
-        },
-    )?;
-    assert_eq!(rest.resumed_from, Some(5));
+    let (part, rest) = stop_then_resume(&cfg_b, 5)?;
     let mut resumed: Vec<f64> = part.history.iter().map(|m| m.loss).collect();
     resumed.extend(rest.history.iter().map(|m| m.loss));
     assert_eq!(resumed, losses, "loss curves differ");
