@@ -405,13 +405,9 @@ impl LoraLinear {
         module: &str,
         vars: &mut std::collections::BTreeMap<String, Var>,
     ) -> Result<()> {
-        let var = Var::from_tensor(&self.weight)?;
-        self.weight = var.as_tensor().clone();
-        vars.insert(format!("{module}.weight"), var);
-        if let Some(b) = &self.bias {
-            let var = Var::from_tensor(b)?;
-            self.bias = Some(var.as_tensor().clone());
-            vars.insert(format!("{module}.bias"), var);
+        make_var(&mut self.weight, format!("{module}.weight"), vars)?;
+        if let Some(b) = &mut self.bias {
+            make_var(b, format!("{module}.bias"), vars)?;
         }
         Ok(())
     }
@@ -449,6 +445,19 @@ impl LoraLinear {
         }
         Ok(y.reshape(dims)?)
     }
+}
+
+/// Replaces `t` with a trainable variable holding its values, registered in `vars` as `name`
+/// (full-parameter training).
+pub(crate) fn make_var(
+    t: &mut Tensor,
+    name: String,
+    vars: &mut std::collections::BTreeMap<String, Var>,
+) -> Result<()> {
+    let var = Var::from_tensor(t)?;
+    *t = var.as_tensor().clone();
+    vars.insert(name, var);
+    Ok(())
 }
 
 fn safetensors_metadata() -> Option<HashMap<String, String>> {

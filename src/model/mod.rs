@@ -549,10 +549,7 @@ impl RmsNorm {
         module: &str,
         vars: &mut std::collections::BTreeMap<String, candle_core::Var>,
     ) -> Result<()> {
-        let var = candle_core::Var::from_tensor(&self.weight)?;
-        self.weight = var.as_tensor().clone();
-        vars.insert(format!("{module}.weight"), var);
-        Ok(())
+        lora::make_var(&mut self.weight, format!("{module}.weight"), vars)
     }
 
     /// `x / sqrt(mean(x^2) + eps) * weight`, computed in f32.
