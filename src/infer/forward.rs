@@ -9,9 +9,9 @@
 //!
 //! **Batch invariance.** Every value a row gets depends on that row's token, position and
 //! cache alone, never on what else is in the step:
-//! - the GEMM kernels reduce over `k` in blocks sized from `k` and the cache sizes only, and
-//!   a row's output is the same whatever the number of rows, except that a single row would
-//!   take the kernels' matrix-vector path, so a one-row product is run as two rows;
+//! - each output of a projection is one fused multiply-add chain over `k` in order
+//!   ([`crate::kernels::panel`]; Q8_0: one block dot product per output), whatever the number
+//!   of rows;
 //! - attention, RMSNorm, RoPE and SwiGLU are computed row by row, in an order fixed by the
 //!   row's own length, the same code for a prompt row and a decoded row.
 //!
@@ -24,7 +24,6 @@ use rayon::prelude::*;
 use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 
 use super::weights::{quantize_rows, Dims, LayerWeights, Matrix, Weights};
-use crate::kernels::gemm::{pool_threads, sgemm, Mat};
 use crate::kernels::ops::{dot, norm_rows, rope_rows, sigmoid, softmax_in_place};
 use crate::model::push_rope_row;
 
@@ -99,11 +98,12 @@ pub struct StepOutput {
     pub hidden: Vec<Vec<f32>>,
 }
 
-/// `y (m x n) = x (m x k) W^T (+ y when accumulate) (+ bias)`, W `(n, k)` row-major, in
-/// whichever format the engine holds it.
+/// `y (m x n) = x (m x k) W^T (+ y when accumulate) (+ bias)`, W `(n, k)`, in whichever
+/// format the engine holds it.
 fn linear(x: &[f32], w: &Matrix, k: usize, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
     match w {
-        Matrix::F32(w) => linear_f32(x, w, k, bias, y, accumulate),
+        Matrix::F32(w) => w.matmul(x, bias, y, accumulate),
+        Matrix::F16(w) => w.matmul(x, bias, y, accumulate),
         Matrix::Q8_0(w) => linear_q8_0(x, w, k, bias, y, accumulate),
     }
 }
@@ -146,62 +146,6 @@ fn linear_q8_0(
     });
 }
 
-/// The f32 product on the `gemm` kernels. One row is run as two (see the module docs).
-fn linear_f32(
-    x: &[f32],
-    w: &[f32],
-    k: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    accumulate: bool,
-) {
-    let n = w.len() / k;
-    let m = x.len() / k;
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    if m == 1 {
-        let mut x2 = Vec::with_capacity(2 * k);
-        x2.extend_from_slice(x);
-        x2.extend(std::iter::repeat_n(0.0, k));
-        let mut y2 = vec![0f32; 2 * n];
-        if accumulate {
-            y2[..n].copy_from_slice(y);
-        }
-        sgemm(
-            2,
-            n,
-            k,
-            1.0,
-            Mat::new(&x2, k),
-            Mat::new(w, k).t(),
-            beta,
-            &mut y2,
-            n,
-            pool_threads(),
-        );
-        y.copy_from_slice(&y2[..n]);
-    } else {
-        sgemm(
-            m,
-            n,
-            k,
-            1.0,
-            Mat::new(x, k),
-            Mat::new(w, k).t(),
-            beta,
-            y,
-            n,
-            pool_threads(),
-        );
-    }
-    if let Some(b) = bias {
-        y.par_chunks_mut(n).for_each(|row| {
-            for (v, b) in row.iter_mut().zip(b) {
-                *v += b;
-            }
-        });
-    }
-}
-
 /// cos/sin of every row's position, `(rows, half)` each, computed as the training tables are.
 fn rope_tables(inv_freq: &[f64], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let half = inv_freq.len();
@@ -213,10 +157,13 @@ fn rope_tables(inv_freq: &[f64], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// One row's attention: query heads `q` (`nh * d`) over `n_keys` cached positions.
+/// One row's attention for one key/value head: the `group` query heads that share it (`qs`,
+/// `group * d`) over `n_keys` cached positions, into `out` (`group * d`). Each key and value
+/// is read once for the whole group; head widths of 64 and 128 run with the width known at
+/// compile time, so that a head's output stays in registers while the values stream past.
 #[allow(clippy::too_many_arguments)]
-fn attend_head(
-    q: &[f32],
+fn attend_group(
+    qs: &[f32],
     keys: &[f32],
     values: &[f32],
     n_keys: usize,
@@ -225,16 +172,132 @@ fn attend_head(
     scale: f32,
     out: &mut [f32],
 ) {
-    let (d, kvw) = (dims.d, dims.kv());
-    let mut s: Vec<f32> = (0..n_keys)
-        .map(|j| dot(q, &keys[j * kvw + g * d..j * kvw + g * d + d]) * scale)
-        .collect();
-    softmax_in_place(&mut s);
-    out.iter_mut().for_each(|v| *v = 0.0);
-    for (j, p) in s.iter().enumerate() {
-        let v = &values[j * kvw + g * d..j * kvw + g * d + d];
-        for (o, v) in out.iter_mut().zip(v) {
-            *o += p * v;
+    let kvw = dims.kv();
+    match dims.d {
+        64 => attend_group_d::<8>(qs, keys, values, n_keys, g, kvw, scale, out),
+        128 => attend_group_d::<16>(qs, keys, values, n_keys, g, kvw, scale, out),
+        d => attend_group_any(qs, keys, values, n_keys, g, d, kvw, scale, out),
+    }
+}
+
+/// [`attend_group`] for a head width of `C` vectors of 8, known at compile time: AVX2 where
+/// the CPU has it, else the portable loop.
+#[allow(clippy::too_many_arguments)]
+fn attend_group_d<const C: usize>(
+    qs: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n_keys: usize,
+    g: usize,
+    kvw: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if kvw.is_multiple_of(8)
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: AVX2 and FMA were detected.
+        unsafe { attend_avx2::<C>(qs, keys, values, n_keys, g, kvw, scale, out) };
+        return;
+    }
+    attend_group_any(qs, keys, values, n_keys, g, 8 * C, kvw, scale, out)
+}
+
+/// Scores: per key, its `D` values loaded once and dotted with each query head; outputs: per
+/// head, `C` accumulators kept in registers while the values stream past. Vectors are
+/// loaded and stored as `[f32; 8]` values, which compile to plain vector moves.
+///
+/// # Safety
+/// AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_avx2<const C: usize>(
+    qs: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n_keys: usize,
+    g: usize,
+    kvw: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    use std::mem::transmute;
+    let group = qs.len() / (8 * C);
+    let (c8, w8) = (C, kvw / 8);
+    let (q8, _) = qs.as_chunks::<8>();
+    let (k8, _) = keys.as_chunks::<8>();
+    let (v8, _) = values.as_chunks::<8>();
+    let mut s = vec![0f32; group * n_keys];
+    for j in 0..n_keys {
+        let key = &k8[j * w8 + g * c8..j * w8 + g * c8 + c8];
+        for (h, q) in q8.chunks_exact(c8).enumerate() {
+            let mut acc = _mm256_setzero_ps();
+            for (qc, kc) in q.iter().zip(key) {
+                acc = _mm256_fmadd_ps(
+                    transmute::<[f32; 8], __m256>(*qc),
+                    transmute::<[f32; 8], __m256>(*kc),
+                    acc,
+                );
+            }
+            // Horizontal sum of the 8 lanes.
+            let x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+            let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+            s[h * n_keys + j] = _mm_cvtss_f32(x) * scale;
+        }
+    }
+    let (o8, _) = out.as_chunks_mut::<8>();
+    for (h, o) in o8.chunks_exact_mut(c8).enumerate() {
+        let p = &mut s[h * n_keys..(h + 1) * n_keys];
+        softmax_in_place(p);
+        let mut acc = [_mm256_setzero_ps(); C];
+        for (j, &pj) in p.iter().enumerate() {
+            let v = &v8[j * w8 + g * c8..j * w8 + g * c8 + c8];
+            let pv = _mm256_set1_ps(pj);
+            for (a, vc) in acc.iter_mut().zip(v) {
+                *a = _mm256_fmadd_ps(pv, transmute::<[f32; 8], __m256>(*vc), *a);
+            }
+        }
+        for (dst, a) in o.iter_mut().zip(acc) {
+            *dst = transmute::<__m256, [f32; 8]>(a);
+        }
+    }
+}
+
+/// [`attend_group`] for any head width.
+#[allow(clippy::too_many_arguments)]
+fn attend_group_any(
+    qs: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n_keys: usize,
+    g: usize,
+    d: usize,
+    kvw: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let group = qs.len() / d;
+    let mut s = vec![0f32; group * n_keys];
+    for j in 0..n_keys {
+        let key = &keys[j * kvw + g * d..j * kvw + g * d + d];
+        for (h, q) in qs.chunks_exact(d).enumerate() {
+            s[h * n_keys + j] = dot(q, key) * scale;
+        }
+    }
+    for (h, o) in out.chunks_exact_mut(d).enumerate() {
+        let p = &mut s[h * n_keys..(h + 1) * n_keys];
+        softmax_in_place(p);
+        o.iter_mut().for_each(|v| *v = 0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            let v = &values[j * kvw + g * d..j * kvw + g * d + d];
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += pj * v;
+            }
         }
     }
 }
@@ -311,12 +374,13 @@ pub fn forward(
             let caches: &[KvCache] = caches;
             let qkv = &qkv;
             let (positions, row_chunk) = (&positions, &row_chunk);
-            y.par_chunks_mut(dims.d).enumerate().for_each(|(i, o)| {
-                let (r, head) = (i / dims.nh, i % dims.nh);
+            let gw = group * dims.d;
+            y.par_chunks_mut(gw).enumerate().for_each(|(i, o)| {
+                let (r, g) = (i / dims.nkv, i % dims.nkv);
                 let c = &caches[chunks[row_chunk[r]].cache];
-                let q = &qkv[r * qkvw + head * dims.d..r * qkvw + (head + 1) * dims.d];
+                let qs = &qkv[r * qkvw + g * gw..r * qkvw + (g + 1) * gw];
                 let n_keys = positions[r] + 1;
-                attend_head(q, &c.k[li], &c.v[li], n_keys, head / group, &dims, scale, o);
+                attend_group(qs, &c.k[li], &c.v[li], n_keys, g, &dims, scale, o);
             });
         }
         linear(&y, &lw.o, qn, lw.o_bias.as_deref(), &mut x, true);
@@ -366,10 +430,7 @@ pub fn forward(
             .chunks(BLOCK * h)
             .zip(out.logits.chunks_mut(BLOCK * dims.vocab))
         {
-            match &w.head_q8 {
-                Some(q) => linear_q8_0(xb, q, h, None, lb, false),
-                None => linear_f32(xb, w.head(), h, None, lb, false),
-            }
+            linear(xb, &w.head, h, None, lb, false);
         }
     }
     out

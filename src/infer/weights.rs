@@ -10,7 +10,10 @@
 
 use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 use candle_core::{DType, Tensor};
+use half::f16;
 use rayon::prelude::*;
+
+use crate::kernels::panel::Panels;
 
 use crate::model::lora::LoraLinear;
 use crate::model::{rope_inv_freq, Config, ModelError, Result, Student};
@@ -90,6 +93,11 @@ pub enum WeightFormat {
     #[value(name = "q8_0")]
     #[serde(rename = "q8_0")]
     Q8_0,
+    /// f16 for every projection and the output, packed once into the engine's own kernel
+    /// layout (activations stay f32).
+    #[value(name = "f16")]
+    #[serde(rename = "f16")]
+    F16,
 }
 
 impl WeightFormat {
@@ -98,35 +106,42 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 => "f32",
             WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::F16 => "f16",
         }
     }
 }
 
-/// A projection matrix `(n, k)`, row-major, in f32 or in Q8_0 blocks along `k`.
+/// A projection matrix `(n, k)`: f32 or f16 packed into the engine's panels, or Q8_0 blocks
+/// along `k` (row-major).
 #[derive(Debug, Clone)]
 pub enum Matrix {
-    /// Plain f32.
-    F32(Vec<f32>),
+    /// f32, packed for [`Panels::matmul`].
+    F32(Panels<f32>),
     /// `n * k / 32` blocks.
     Q8_0(Vec<BlockQ8_0>),
+    /// f16, packed for [`Panels::matmul`].
+    F16(Panels<f16>),
 }
 
 impl Matrix {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
-            Matrix::F32(v) => 4 * v.len(),
+            Matrix::F32(p) => p.bytes(),
             Matrix::Q8_0(b) => std::mem::size_of::<BlockQ8_0>() * b.len(),
+            Matrix::F16(p) => p.bytes(),
         }
     }
 
-    /// This matrix (rows of `k`) in Q8_0; unchanged when `k` is not a multiple of 32.
-    fn to_q8_0(&self, k: usize) -> Matrix {
-        match self {
-            Matrix::F32(v) if k.is_multiple_of(32) && !v.is_empty() => {
-                Matrix::Q8_0(quantize_rows(v, k))
+    /// This matrix (rows of `k`) in `format`, from f32; other formats, and Q8_0 where `k` is
+    /// not a multiple of 32, are returned unchanged.
+    fn to_format(&self, format: WeightFormat, k: usize) -> Matrix {
+        match (format, self) {
+            (WeightFormat::Q8_0, Matrix::F32(p)) if k.is_multiple_of(32) && p.n() > 0 => {
+                Matrix::Q8_0(quantize_rows(&p.unpack(), k))
             }
-            other => other.clone(),
+            (WeightFormat::F16, Matrix::F32(p)) => Matrix::F16(Panels::pack(&p.unpack(), k)),
+            (_, other) => other.clone(),
         }
     }
 }
@@ -150,14 +165,13 @@ pub struct Weights {
     pub(crate) layers: Vec<LayerWeights>,
     pub(crate) norm: Vec<f32>,
     pub(crate) norm_eps: f32,
-    /// `(vocab, hidden)`, `None` when tied to the embeddings.
-    pub(crate) lm_head: Option<Vec<f32>>,
+    /// The output projection `(vocab, hidden)` (a copy of the embeddings when tied), in the
+    /// weights' format.
+    pub(crate) head: Matrix,
     /// RoPE inverse frequencies, `head_dim / 2` of them.
     pub(crate) inv_freq: Vec<f64>,
     /// Positions the rotary tables were defined for.
     pub(crate) max_positions: usize,
-    /// The output projection in Q8_0 when the weights are (the embedding lookup stays f32).
-    pub(crate) head_q8: Option<Vec<BlockQ8_0>>,
     pub(crate) format: WeightFormat,
 }
 
@@ -230,7 +244,8 @@ impl Weights {
             qkv.extend(merged(v)?);
             let mut gu = merged(gate)?;
             gu.extend(merged(up)?);
-            let (qkv, gu) = (Matrix::F32(qkv), Matrix::F32(gu));
+            let h = dims.hidden;
+            let (qkv, gu) = (Matrix::F32(Panels::pack(&qkv, h)), Matrix::F32(Panels::pack(&gu, h)));
             out_layers.push(LayerWeights {
                 ln1: flat(r.input_norm.weight())?,
                 ln2: flat(r.post_attention_norm.weight())?,
@@ -238,29 +253,29 @@ impl Weights {
                 eps2: r.post_attention_norm.eps() as f32,
                 qkv,
                 qkv_bias: stacked_bias(&[q, k, v], &[dims.q(), dims.kv(), dims.kv()])?,
-                o: Matrix::F32(merged(o)?),
+                o: Matrix::F32(Panels::pack(&merged(o)?, dims.q())),
                 o_bias: stacked_bias(&[o], &[dims.hidden])?,
                 gu,
                 gu_bias: stacked_bias(&[gate, up], &[dims.inter, dims.inter])?,
-                down: Matrix::F32(merged(down)?),
+                down: Matrix::F32(Panels::pack(&merged(down)?, dims.inter)),
                 down_bias: stacked_bias(&[down], &[dims.hidden])?,
             });
         }
-        let lm_head = if cfg.tie_word_embeddings {
-            None
+        let embed = flat(embed)?;
+        let head = if cfg.tie_word_embeddings {
+            Panels::pack(&embed, dims.hidden)
         } else {
-            Some(flat(model.lm_head())?)
+            Panels::pack(&flat(model.lm_head())?, dims.hidden)
         };
         Ok(Self {
             dims,
-            embed: flat(embed)?,
+            embed,
             layers: out_layers,
             norm: flat(norm.weight())?,
             norm_eps: norm.eps() as f32,
-            lm_head,
+            head: Matrix::F32(head),
             inv_freq: rope_inv_freq(cfg)?,
             max_positions: cfg.max_position_embeddings.max(1),
-            head_q8: None,
             format: WeightFormat::F32,
         })
     }
@@ -270,21 +285,19 @@ impl Weights {
         if format == self.format {
             return;
         }
+        assert_eq!(
+            self.format,
+            WeightFormat::F32,
+            "weights are laid out in f32 first and converted once"
+        );
         let d = self.dims;
-        match format {
-            WeightFormat::Q8_0 => {
-                for l in &mut self.layers {
-                    l.qkv = l.qkv.to_q8_0(d.hidden);
-                    l.o = l.o.to_q8_0(d.q());
-                    l.gu = l.gu.to_q8_0(d.hidden);
-                    l.down = l.down.to_q8_0(d.inter);
-                }
-                if d.hidden.is_multiple_of(32) {
-                    self.head_q8 = Some(quantize_rows(self.head(), d.hidden));
-                }
-            }
-            WeightFormat::F32 => unreachable!("weights are laid out in f32 first"),
+        for l in &mut self.layers {
+            l.qkv = l.qkv.to_format(format, d.hidden);
+            l.o = l.o.to_format(format, d.q());
+            l.gu = l.gu.to_format(format, d.hidden);
+            l.down = l.down.to_format(format, d.inter);
         }
+        self.head = self.head.to_format(format, d.hidden);
         self.format = format;
     }
 
@@ -298,12 +311,7 @@ impl Weights {
         self.dims
     }
 
-    /// The output projection `(vocab, hidden)`.
-    pub(crate) fn head(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed)
-    }
-
-    /// Bytes held by the weights (the tied output projection counted once).
+    /// Bytes held by the weights (a tied output projection counted as the copy it is).
     pub fn bytes(&self) -> usize {
         let layer: usize = self
             .layers
@@ -321,12 +329,6 @@ impl Weights {
                             .sum::<usize>())
             })
             .sum();
-        let head_q8 = self
-            .head_q8
-            .as_ref()
-            .map_or(0, |b| std::mem::size_of::<BlockQ8_0>() * b.len());
-        layer
-            + head_q8
-            + 4 * (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, Vec::len))
+        layer + self.head.bytes() + 4 * (self.embed.len() + self.norm.len())
     }
 }

@@ -9,3 +9,4 @@
 pub mod gemm;
 pub(crate) mod layer_op;
 pub mod ops;
+pub mod panel;

@@ -1,0 +1,424 @@
+//! Products against weight matrices packed once, at load, into the layout the micro-kernel
+//! reads: the inference engine's projections.
+//!
+//! The `gemm` crate repacks its weight operand on every call (16% of a 32-sequence decode step
+//! went to that copy) and takes f32 only, so each step streams 4 bytes per weight from memory.
+//! Packed here once, a matrix is a run of panels of [`NR`] output rows interleaved along `k`:
+//! the kernel reads each panel front to back, and the weights may be stored as f16 (half the
+//! memory traffic, converted to f32 in registers by F16C) or as f32.
+//!
+//! **Arithmetic.** Every output is one fused multiply-add chain over `k` in order, starting
+//! from zero: `acc = fma(w[k], x[k], acc)`. It depends on that row of `x` and that row of `W`
+//! alone, never on how many rows are multiplied together or where a row falls in a tile, so a
+//! product is batch-invariant by construction; the portable path computes the same chain with
+//! `f32::mul_add` and gives the same bits.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Output rows per panel: two 8-wide vectors.
+pub const NR: usize = 16;
+/// Activation rows per micro-tile (12 accumulators, two weight vectors and a broadcast fill
+/// the 16 AVX registers).
+const MR: usize = 6;
+/// Activation rows per cache block: the block stays in L2 while every panel passes over it.
+const MC: usize = 48;
+
+/// One `k` step of a panel: the [`NR`] weights of its rows at that `k`, aligned so that the
+/// kernel loads them as whole vectors.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(32))]
+pub struct PanelRow<T>(pub [T; NR]);
+
+/// An element type a panel may hold.
+pub trait PanelElem: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// Rounds an f32 weight to this type.
+    fn from_f32(v: f32) -> Self;
+    /// The weight as f32 (exact).
+    fn to_f32(self) -> f32;
+    /// The row's two vectors of 8, as f32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load(
+        row: &PanelRow<Self>,
+    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
+}
+
+impl PanelElem for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load(
+        row: &PanelRow<Self>,
+    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        // By-value transmutes of an aligned row: plain vector loads, no copies.
+        let [a, b]: [[f32; 8]; 2] = std::mem::transmute(row.0);
+        (std::mem::transmute(a), std::mem::transmute(b))
+    }
+}
+
+impl PanelElem for f16 {
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load(
+        row: &PanelRow<Self>,
+    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+        use std::arch::x86_64::*;
+        let [a, b]: [[f16; 8]; 2] = std::mem::transmute(row.0);
+        (
+            _mm256_cvtph_ps(std::mem::transmute::<[f16; 8], __m128i>(a)),
+            _mm256_cvtph_ps(std::mem::transmute::<[f16; 8], __m128i>(b)),
+        )
+    }
+}
+
+/// An `(n, k)` row-major weight matrix packed into panels of [`NR`] rows: panel `p` is
+/// `rows[p * k .. (p + 1) * k]`, its row `kk` holding the weights `(p * NR + i, kk)` for `i` in
+/// `0..NR`. Rows past `n` in the last panel are zeros.
+#[derive(Debug, Clone)]
+pub struct Panels<T> {
+    n: usize,
+    k: usize,
+    rows: Vec<PanelRow<T>>,
+}
+
+impl<T: PanelElem> Panels<T> {
+    /// Packs `w`, `(n, k)` row-major, rounding each weight to `T`.
+    pub fn pack(w: &[f32], k: usize) -> Self {
+        assert!(k > 0 && w.len().is_multiple_of(k), "pack: {} is not rows of {k}", w.len());
+        let n = w.len() / k;
+        let panels = n.div_ceil(NR);
+        let mut rows = vec![PanelRow([T::from_f32(0.0); NR]); panels * k];
+        rows.par_chunks_mut(k).enumerate().for_each(|(p, panel)| {
+            for i in 0..NR.min(n - p * NR) {
+                let src = &w[(p * NR + i) * k..(p * NR + i + 1) * k];
+                for (row, &v) in panel.iter_mut().zip(src) {
+                    row.0[i] = T::from_f32(v);
+                }
+            }
+        });
+        Self { n, k, rows }
+    }
+
+    /// Output rows.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<PanelRow<T>>() * self.rows.len()
+    }
+
+    /// The matrix back as `(n, k)` row-major (exact: the packed values widened to f32).
+    pub fn unpack(&self) -> Vec<f32> {
+        let k = self.k;
+        let mut out = vec![0f32; self.n * k];
+        out.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+            let panel = &self.rows[(r / NR) * k..(r / NR + 1) * k];
+            for (v, pr) in row.iter_mut().zip(panel) {
+                *v = pr.0[r % NR].to_f32();
+            }
+        });
+        out
+    }
+
+    /// The weight at `(row, kk)`, as the kernel sees it.
+    pub fn get(&self, row: usize, kk: usize) -> f32 {
+        self.rows[(row / NR) * self.k + kk].0[row % NR].to_f32()
+    }
+
+    /// `y (m x n) = x (m x k) W^T`, plus `y` when `accumulate`, plus `bias`; `m` is
+    /// `x.len() / k`. Each output is `(y +) dot + bias`, the dot computed as the module docs say.
+    pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+        let (n, k) = (self.n, self.k);
+        assert!(x.len().is_multiple_of(k), "matmul: x is not rows of {k}");
+        let m = x.len() / k;
+        assert_eq!(y.len(), m * n, "matmul: y is not {m} x {n}");
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "matmul: bias is not {n} wide");
+        }
+        let tile = tile_fn::<T>();
+        let out = OutPtr(y.as_mut_ptr());
+        let mut xt = Vec::new();
+        for m0 in (0..m).step_by(MC) {
+            let mb = MC.min(m - m0);
+            pack_rows(&x[m0 * k..(m0 + mb) * k], k, &mut xt);
+            let xt = &xt;
+            self.rows.par_chunks(k).enumerate().for_each(|(p, w)| {
+                let cols = NR.min(n - p * NR);
+                let mut buf = [0f32; MR * NR];
+                for (t, xtile) in xt.chunks(k).enumerate() {
+                    let t0 = m0 + t * MR;
+                    let rows = MR.min(m0 + mb - t0);
+                    tile(w, xtile, rows, &mut buf);
+                    for i in 0..rows {
+                        let start = (t0 + i) * n + p * NR;
+                        // SAFETY: `start + cols <= m * n = y.len()`, and this panel is the only
+                        // writer of columns `p * NR .. p * NR + cols` of every row.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), cols) };
+                        for (c, d) in dst.iter_mut().enumerate() {
+                            let dot = buf[i * NR + c];
+                            let sum = if accumulate { *d + dot } else { dot };
+                            *d = sum + bias.map_or(0.0, |b| b[p * NR + c]);
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// Lays rows of `x` (width `k`) out as tiles of [`MR`] rows interleaved along `k`, the rows
+/// past the end zeros: tile `t` is `out[t * k .. (t + 1) * k]`.
+fn pack_rows(x: &[f32], k: usize, out: &mut Vec<[f32; MR]>) {
+    let m = x.len() / k;
+    out.clear();
+    out.resize(m.div_ceil(MR) * k, [0.0; MR]);
+    for (t, tile) in out.chunks_mut(k).enumerate() {
+        for i in 0..MR.min(m - t * MR) {
+            let src = &x[(t * MR + i) * k..(t * MR + i + 1) * k];
+            for (dst, &v) in tile.iter_mut().zip(src) {
+                dst[i] = v;
+            }
+        }
+    }
+}
+
+/// The output buffer shared by the panel tasks, each writing its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks write disjoint columns of the buffer (see `Panels::matmul`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY (of the caller's use): `i` is within the buffer.
+        self.0.wrapping_add(i)
+    }
+}
+
+/// A micro-tile: the first `rows <= MR` rows of a packed tile against one panel, into `out`
+/// (`rows x NR`).
+type TileFn<T> = fn(&[PanelRow<T>], &[[f32; MR]], usize, &mut [f32; MR * NR]);
+
+/// The fastest tile this CPU runs, chosen once per call (the check is a cached load).
+fn tile_fn<T: PanelElem>() -> TileFn<T> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        return tile_avx2::<T>;
+    }
+    tile_portable::<T>
+}
+
+/// The portable tile: the same fused chains as the vector one, so the same bits.
+pub(crate) fn tile_portable<T: PanelElem>(
+    w: &[PanelRow<T>],
+    x: &[[f32; MR]],
+    rows: usize,
+    out: &mut [f32; MR * NR],
+) {
+    for i in 0..rows {
+        let acc = &mut out[i * NR..(i + 1) * NR];
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (wr, xr) in w.iter().zip(x) {
+            for (a, wv) in acc.iter_mut().zip(&wr.0) {
+                *a = wv.to_f32().mul_add(xr[i], *a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn tile_avx2<T: PanelElem>(
+    w: &[PanelRow<T>],
+    x: &[[f32; MR]],
+    rows: usize,
+    out: &mut [f32; MR * NR],
+) {
+    assert_eq!(w.len(), x.len());
+    // SAFETY: `tile_fn` picked this path only where the CPU has AVX2, FMA and F16C.
+    unsafe {
+        match rows {
+            1 => tile_rows::<T, 1>(w, x, out),
+            2 => tile_rows::<T, 2>(w, x, out),
+            3 => tile_rows::<T, 3>(w, x, out),
+            4 => tile_rows::<T, 4>(w, x, out),
+            5 => tile_rows::<T, 5>(w, x, out),
+            _ => tile_rows::<T, MR>(w, x, out),
+        }
+    }
+}
+
+/// `R` rows against one panel: per `k` step, two weight vectors and `R` broadcasts feed
+/// `2 R` fused multiply-adds.
+///
+/// # Safety
+/// AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_rows<T: PanelElem, const R: usize>(
+    w: &[PanelRow<T>],
+    x: &[[f32; MR]],
+    out: &mut [f32; MR * NR],
+) {
+    use std::arch::x86_64::*;
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    for (wr, xr) in w.iter().zip(x) {
+        let (w0, w1) = T::load(wr);
+        for r in 0..R {
+            let xv = _mm256_set1_ps(xr[r]);
+            lo[r] = _mm256_fmadd_ps(w0, xv, lo[r]);
+            hi[r] = _mm256_fmadd_ps(w1, xv, hi[r]);
+        }
+    }
+    for r in 0..R {
+        let (a, b) = (
+            std::mem::transmute::<__m256, [f32; 8]>(lo[r]),
+            std::mem::transmute::<__m256, [f32; 8]>(hi[r]),
+        );
+        out[r * NR..r * NR + 8].copy_from_slice(&a);
+        out[r * NR + 8..r * NR + NR].copy_from_slice(&b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Each output as one fused chain over the packed weights, row by row.
+    fn reference<T: PanelElem>(p: &Panels<T>, x: &[f32]) -> Vec<f32> {
+        let (n, k) = (p.n(), p.k());
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for kk in 0..k {
+                    acc = p.get(j, kk).mul_add(x[i * k + kk], acc);
+                }
+                y[i * n + j] = acc;
+            }
+        }
+        y
+    }
+
+    fn check<T: PanelElem>() {
+        // n not a multiple of NR, m spanning several tiles and a cache block.
+        let (n, k) = (37, 29);
+        let w = data(n * k, 1);
+        let p = Panels::<T>::pack(&w, k);
+        for m in [1, 5, 6, 7, 50, 97] {
+            let x = data(m * k, m as u32 + 7);
+            let mut y = vec![0f32; m * n];
+            p.matmul(&x, None, &mut y, false);
+            assert_eq!(y, reference(&p, &x), "m = {m}");
+            // Batch invariance: each row alone gives the same bits.
+            for i in [0, m / 2, m - 1] {
+                let mut one = vec![0f32; n];
+                p.matmul(&x[i * k..(i + 1) * k], None, &mut one, false);
+                assert_eq!(one, y[i * n..(i + 1) * n], "row {i} of {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn panels_match_a_fused_chain_per_output_and_are_batch_invariant() {
+        check::<f32>();
+        check::<f16>();
+    }
+
+    #[test]
+    fn accumulate_and_bias_add_after_the_dot() {
+        let (n, k, m) = (20, 8, 3);
+        let w = data(n * k, 3);
+        let x = data(m * k, 4);
+        let bias = data(n, 5);
+        let p = Panels::<f32>::pack(&w, k);
+        let dots = reference(&p, &x);
+        let prior = data(m * n, 6);
+        let mut y = prior.clone();
+        p.matmul(&x, Some(&bias), &mut y, true);
+        for i in 0..m * n {
+            assert_eq!(y[i], prior[i] + dots[i] + bias[i % n]);
+        }
+    }
+
+    #[test]
+    fn f32_panels_agree_with_a_plain_product_and_f16_rounds_the_weights() {
+        let (n, k, m) = (33, 64, 4);
+        let w = data(n * k, 8);
+        let x = data(m * k, 9);
+        let mut y32 = vec![0f32; m * n];
+        let mut y16 = vec![0f32; m * n];
+        Panels::<f32>::pack(&w, k).matmul(&x, None, &mut y32, false);
+        Panels::<f16>::pack(&w, k).matmul(&x, None, &mut y16, false);
+        for i in 0..m {
+            for j in 0..n {
+                let plain: f64 = (0..k)
+                    .map(|kk| w[j * k + kk] as f64 * x[i * k + kk] as f64)
+                    .sum();
+                assert!((y32[i * n + j] as f64 - plain).abs() < 1e-5);
+                // f16 keeps 11 significant bits: |error| <= sum |w x| * 2^-11.
+                let bound: f64 = (0..k)
+                    .map(|kk| (w[j * k + kk] as f64 * x[i * k + kk] as f64).abs())
+                    .sum::<f64>()
+                    * 2f64.powi(-11)
+                    + 1e-5;
+                assert!((y16[i * n + j] as f64 - plain).abs() <= bound);
+            }
+        }
+    }
+
+    #[test]
+    fn the_vector_tile_gives_the_portable_tiles_bits() {
+        let k = 45;
+        let w = data(NR * k, 10);
+        let p = Panels::<f16>::pack(&w, k);
+        let mut x = Vec::new();
+        pack_rows(&data(MR * k, 11), k, &mut x);
+        for rows in 1..=MR {
+            let mut a = [0f32; MR * NR];
+            let mut b = [0f32; MR * NR];
+            tile_portable(&p.rows, &x, rows, &mut a);
+            tile_fn::<f16>()(&p.rows, &x, rows, &mut b);
+            assert_eq!(a[..rows * NR], b[..rows * NR], "rows = {rows}");
+        }
+    }
+}
