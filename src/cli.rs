@@ -553,9 +553,10 @@ pub struct GenerateArgs {
     /// together (memory: layers x 2 x kv_width x 4 bytes per token).
     #[arg(long, default_value_t = 32_768)]
     pub max_batch_tokens: usize,
-    /// How the candle engine holds its weights: `f32` (the trainer's arithmetic, fastest with
-    /// many sequences) or `q8_0` (8-bit blocks, a quarter of the memory traffic: several times
-    /// faster with one or a few sequences, within a small KL of f32).
+    /// How the candle engine holds its weights: `f32` (the trainer's weights, unrounded), `f16`
+    /// (half the memory traffic: the fastest here from 8 sequences up, within a thousandth of
+    /// a nat of f32) or `q8_0` (8-bit blocks: the fastest single stream, within a few
+    /// hundredths of a nat). A format other than f32 is recorded in `teacher.engine`.
     #[arg(long, value_enum, default_value = "f32")]
     pub engine_weights: crate::infer::WeightFormat,
     /// Base URL of an OpenAI-compatible server; repeat for a fleet.

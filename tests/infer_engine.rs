@@ -607,7 +607,11 @@ fn compact_format_check(
     let together = compact.generate(reqs.clone(), cfg(8, 1 << 20, 4096), |_, _| {});
     assert_same(&format!("{name}, 8 together"), &solo, &together);
     let refilled = compact.generate(reqs.clone(), cfg(3, 1 << 20, 7), |_, _| {});
-    assert_same(&format!("{name}, 3 slots, chunked prefill"), &solo, &refilled);
+    assert_same(
+        &format!("{name}, 3 slots, chunked prefill"),
+        &solo,
+        &refilled,
+    );
     // Close to the f32 model: greedy tokens agree until a near-tie of the f32 model, and the
     // model's log-probability of each f32 greedy token moves little.
     let reference = alone(f32_engine, &reqs);

@@ -144,7 +144,7 @@ fn gguf_student_logits_match_mistralrs() {
     // The engine, scoring the same ids: its top-5 against mistral.rs's log-softmax at the same
     // tokens, position by position (the last position predicts past the sequence and is
     // not scored).
-    for format in [WeightFormat::F32, WeightFormat::Q8_0] {
+    for format in [WeightFormat::F32, WeightFormat::F16, WeightFormat::Q8_0] {
         let mut engine = Engine::from_base(&base, None).unwrap();
         engine.set_weight_format(format);
         let scored = engine

@@ -41,9 +41,7 @@ pub trait PanelElem: Copy + Send + Sync + std::fmt::Debug + 'static {
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load(
-        row: &PanelRow<Self>,
-    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
+    unsafe fn load(row: &PanelRow<Self>) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256);
 }
 
 impl PanelElem for f32 {
@@ -56,12 +54,15 @@ impl PanelElem for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load(
-        row: &PanelRow<Self>,
-    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    unsafe fn load(row: &PanelRow<Self>) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
         // By-value transmutes of an aligned row: plain vector loads, no copies.
-        let [a, b]: [[f32; 8]; 2] = std::mem::transmute(row.0);
-        (std::mem::transmute(a), std::mem::transmute(b))
+        use std::arch::x86_64::__m256;
+        use std::mem::transmute;
+        let [a, b] = transmute::<[f32; NR], [[f32; 8]; 2]>(row.0);
+        (
+            transmute::<[f32; 8], __m256>(a),
+            transmute::<[f32; 8], __m256>(b),
+        )
     }
 }
 
@@ -75,11 +76,9 @@ impl PanelElem for f16 {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load(
-        row: &PanelRow<Self>,
-    ) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
+    unsafe fn load(row: &PanelRow<Self>) -> (std::arch::x86_64::__m256, std::arch::x86_64::__m256) {
         use std::arch::x86_64::*;
-        let [a, b]: [[f16; 8]; 2] = std::mem::transmute(row.0);
+        let [a, b] = std::mem::transmute::<[f16; NR], [[f16; 8]; 2]>(row.0);
         (
             _mm256_cvtph_ps(std::mem::transmute::<[f16; 8], __m128i>(a)),
             _mm256_cvtph_ps(std::mem::transmute::<[f16; 8], __m128i>(b)),
@@ -100,7 +99,11 @@ pub struct Panels<T> {
 impl<T: PanelElem> Panels<T> {
     /// Packs `w`, `(n, k)` row-major, rounding each weight to `T`.
     pub fn pack(w: &[f32], k: usize) -> Self {
-        assert!(k > 0 && w.len().is_multiple_of(k), "pack: {} is not rows of {k}", w.len());
+        assert!(
+            k > 0 && w.len().is_multiple_of(k),
+            "pack: {} is not rows of {k}",
+            w.len()
+        );
         let n = w.len() / k;
         let panels = n.div_ceil(NR);
         let mut rows = vec![PanelRow([T::from_f32(0.0); NR]); panels * k];
