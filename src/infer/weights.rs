@@ -3,7 +3,8 @@
 //! The engine reads the same [`Student`] that training builds (one model implementation for
 //! both), then lays each layer out the way a decode step consumes it: q/k/v stacked into one
 //! `(q + 2 kv, hidden)` matrix and gate/up into one `(2 inter, hidden)` matrix, so a step is
-//! four products per layer. LoRA adapters are folded in here, once, as
+//! four products per layer, each matrix packed once into the panels the engine's kernel reads
+//! ([`crate::kernels::panel`]). LoRA adapters are folded in here, once, as
 //! `W + scale * B A` computed exactly as `distill merge` computes it, so that a base plus an
 //! adapter and the merged model `distill merge` writes hold the same bits and decode the same
 //! tokens.
@@ -157,7 +158,8 @@ pub(crate) fn quantize_rows(v: &[f32], k: usize) -> Vec<BlockQ8_0> {
     out
 }
 
-/// Every weight of a decoder, as flat row-major f32.
+/// Every weight of a decoder: the projections and the output projection packed for the
+/// engine's kernels, the embeddings (looked up, never multiplied) and norms as flat f32.
 #[derive(Debug, Clone)]
 pub struct Weights {
     pub(crate) dims: Dims,
