@@ -170,6 +170,7 @@ impl<T: PanelElem> Panels<T> {
             let xt = &xt;
             self.rows.par_chunks(k).enumerate().for_each(|(p, w)| {
                 let cols = NR.min(n - p * NR);
+                let bias = bias.map(|b| &b[p * NR..p * NR + cols]);
                 let mut buf = [0f32; MR * NR];
                 for (t, xtile) in xt.chunks(k).enumerate() {
                     let t0 = m0 + t * MR;
@@ -180,10 +181,24 @@ impl<T: PanelElem> Panels<T> {
                         // SAFETY: `start + cols <= m * n = y.len()`, and this panel is the only
                         // writer of columns `p * NR .. p * NR + cols` of every row.
                         let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), cols) };
-                        for (c, d) in dst.iter_mut().enumerate() {
-                            let dot = buf[i * NR + c];
-                            let sum = if accumulate { *d + dot } else { dot };
-                            *d = sum + bias.map_or(0.0, |b| b[p * NR + c]);
+                        let dots = &buf[i * NR..i * NR + cols];
+                        match (accumulate, bias) {
+                            (false, None) => dst.copy_from_slice(dots),
+                            (false, Some(b)) => {
+                                for ((d, v), b) in dst.iter_mut().zip(dots).zip(b) {
+                                    *d = v + b;
+                                }
+                            }
+                            (true, None) => {
+                                for (d, v) in dst.iter_mut().zip(dots) {
+                                    *d += v;
+                                }
+                            }
+                            (true, Some(b)) => {
+                                for ((d, v), b) in dst.iter_mut().zip(dots).zip(b) {
+                                    *d = (*d + v) + b;
+                                }
+                            }
                         }
                     }
                 }
