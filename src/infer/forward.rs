@@ -451,18 +451,7 @@ fn forward_on_pool(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::panel::uniform;
 
     /// The vector path (head widths 64 and 128) and the portable one compute the same
     /// attention, and both match softmax-weighted values computed in f64.
@@ -470,9 +459,9 @@ mod tests {
     fn grouped_attention_paths_agree_with_the_definition() {
         for (d, nkv, group, n_keys) in [(64, 3, 3, 37), (128, 2, 4, 5), (64, 1, 1, 1)] {
             let kvw = nkv * d;
-            let keys = data(n_keys * kvw, 1);
-            let values = data(n_keys * kvw, 2);
-            let qs = data(group * d, 3);
+            let keys = uniform(n_keys * kvw, 1);
+            let values = uniform(n_keys * kvw, 2);
+            let qs = uniform(group * d, 3);
             let scale = 1.0 / (d as f32).sqrt();
             for g in 0..nkv {
                 let a = GroupAttention {

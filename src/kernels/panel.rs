@@ -324,21 +324,17 @@ unsafe fn tile_rows<T: PanelElem, const R: usize>(
     }
 }
 
+/// `len` values uniform in `[-1, 1)`, the same for the same `seed`: operands for kernel tests.
+#[cfg(test)]
+pub(crate) fn uniform(len: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn data(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Each output as one fused chain over the packed weights, row by row.
     fn reference<T: PanelElem>(p: &Panels<T>, x: &[f32]) -> Vec<f32> {
@@ -360,10 +356,10 @@ mod tests {
     fn check<T: PanelElem>() {
         // n not a multiple of NR, m spanning several tiles and a cache block.
         let (n, k) = (37, 29);
-        let w = data(n * k, 1);
+        let w = uniform(n * k, 1);
         let p = Panels::<T>::pack(&w, k);
         for m in [1, 5, 6, 7, 50, 97] {
-            let x = data(m * k, m as u32 + 7);
+            let x = uniform(m * k, m as u64 + 7);
             let mut y = vec![0f32; m * n];
             p.matmul(&x, None, &mut y, false);
             assert_eq!(y, reference(&p, &x), "m = {m}");
@@ -385,12 +381,12 @@ mod tests {
     #[test]
     fn accumulate_and_bias_add_after_the_dot() {
         let (n, k, m) = (20, 8, 3);
-        let w = data(n * k, 3);
-        let x = data(m * k, 4);
-        let bias = data(n, 5);
+        let w = uniform(n * k, 3);
+        let x = uniform(m * k, 4);
+        let bias = uniform(n, 5);
         let p = Panels::<f32>::pack(&w, k);
         let dots = reference(&p, &x);
-        let prior = data(m * n, 6);
+        let prior = uniform(m * n, 6);
         let mut y = prior.clone();
         p.matmul(&x, Some(&bias), &mut y, true);
         for i in 0..m * n {
@@ -401,8 +397,8 @@ mod tests {
     #[test]
     fn f32_panels_agree_with_a_plain_product_and_f16_rounds_the_weights() {
         let (n, k, m) = (33, 64, 4);
-        let w = data(n * k, 8);
-        let x = data(m * k, 9);
+        let w = uniform(n * k, 8);
+        let x = uniform(m * k, 9);
         let mut y32 = vec![0f32; m * n];
         let mut y16 = vec![0f32; m * n];
         Panels::<f32>::pack(&w, k).matmul(&x, None, &mut y32, false);
@@ -427,10 +423,10 @@ mod tests {
     #[test]
     fn the_vector_tile_gives_the_portable_tiles_bits() {
         let k = 45;
-        let w = data(NR * k, 10);
+        let w = uniform(NR * k, 10);
         let p = Panels::<f16>::pack(&w, k);
         let mut x = Vec::new();
-        pack_rows(&data(MR * k, 11), k, &mut x);
+        pack_rows(&uniform(MR * k, 11), k, &mut x);
         for rows in 1..=MR {
             let mut a = [0f32; MR * NR];
             let mut b = [0f32; MR * NR];
