@@ -290,20 +290,17 @@ fn attend_group_any(a: GroupAttention<'_>, d: usize, out: &mut [f32]) {
 /// Runs one step. `caches[c.cache]` must be distinct for every chunk; each gains the chunk's
 /// keys and values. Positions past the model's rotary range are refused by the caller.
 ///
-/// The step runs on a thread of the rayon pool (moved there once when called from outside it),
-/// so that its hundreds of parallel loops start on a worker instead of each being handed to the
-/// pool and waited for: about a fifth of a one-sequence step went to those hand-offs.
+/// The step runs on a thread of the rayon pool (`rayon::scope` moves it there once when called
+/// from outside the pool, and runs it in place on a worker), so that its hundreds of parallel
+/// loops start on a worker instead of each being handed to the pool and waited for: about a
+/// fifth of a one-sequence step went to those hand-offs.
 pub fn forward(
     w: &Weights,
     chunks: &[Chunk<'_>],
     caches: &mut [KvCache],
     hidden_layers: &[usize],
 ) -> StepOutput {
-    if rayon::current_thread_index().is_some() {
-        forward_on_pool(w, chunks, caches, hidden_layers)
-    } else {
-        rayon::scope(|_| forward_on_pool(w, chunks, caches, hidden_layers))
-    }
+    rayon::scope(|_| forward_on_pool(w, chunks, caches, hidden_layers))
 }
 
 /// [`forward`], on a thread of the pool.
