@@ -249,7 +249,7 @@ pub struct EngineBenchArgs {
     /// A LoRA adapter from `distill train`, folded in at load.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// How the engine holds its weights (`f32`, `f16` or `q8_0`).
+    /// How the engine holds its weights (`f32`, `f16`, `q4_1` or `q8_0`).
     #[arg(long, value_enum, default_value = "f32")]
     pub weights: crate::infer::WeightFormat,
     /// Sequences decoded together, comma-separated.

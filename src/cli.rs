@@ -554,9 +554,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 32_768)]
     pub max_batch_tokens: usize,
     /// How the candle engine holds its weights: `f32` (the trainer's weights, unrounded), `f16`
-    /// (half the memory traffic: the fastest here from 8 sequences up, within a thousandth of
-    /// a nat of f32) or `q8_0` (8-bit blocks: the fastest single stream, within a few
-    /// hundredths of a nat). A format other than f32 is recorded in `teacher.engine`.
+    /// (half the memory traffic, within a thousandth of a nat of f32), `q4_1` (4-bit blocks
+    /// against 8-bit activations: the fastest here at every batch size, a Q4_1 GGUF's weights
+    /// exactly, within a few hundredths of a nat) or `q8_0` (8-bit blocks). A format other
+    /// than f32 is recorded in `teacher.engine`.
     #[arg(long, value_enum, default_value = "f32")]
     pub engine_weights: crate::infer::WeightFormat,
     /// Base URL of an OpenAI-compatible server; repeat for a fleet.

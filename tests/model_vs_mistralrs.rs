@@ -4,7 +4,7 @@
 //! mistral.rs computes with the quantized weights directly (Q4_1/Q8_0 matmuls, f16 activations on
 //! CPU), so logits differ by quantization noise. The stated tolerance: at every position the
 //! log-softmax of the two agrees within 0.35 nats on mistral.rs's top-5 tokens on average, and the
-//! argmax agrees on at least 90% of positions. The batched engine (f32 and q8_0 weights),
+//! argmax agrees on at least 90% of positions. The batched engine (every weight format),
 //! teacher-forced through `Engine::score`, is held to the same tolerance against mistral.rs.
 
 mod common;
@@ -144,7 +144,12 @@ fn gguf_student_logits_match_mistralrs() {
     // The engine, scoring the same ids: its top-5 against mistral.rs's log-softmax at the same
     // tokens, position by position (the last position predicts past the sequence and is
     // not scored).
-    for format in [WeightFormat::F32, WeightFormat::F16, WeightFormat::Q8_0] {
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_1,
+    ] {
         let mut engine = Engine::from_base(&base, None).unwrap();
         engine.set_weight_format(format);
         let scored = engine

@@ -104,6 +104,7 @@ fn linear(x: &[f32], w: &Matrix, k: usize, bias: Option<&[f32]>, y: &mut [f32], 
     match w {
         Matrix::F32(w) => w.matmul(x, bias, y, accumulate),
         Matrix::F16(w) => w.matmul(x, bias, y, accumulate),
+        Matrix::Q4(w) => w.matmul(x, bias, y, accumulate),
         Matrix::Q8_0(w) => linear_q8_0(x, w, k, bias, y, accumulate),
     }
 }

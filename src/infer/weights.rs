@@ -15,6 +15,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::kernels::panel::Panels;
+use crate::kernels::qpanel::{QPanels, QK};
 
 use crate::model::lora::LoraLinear;
 use crate::model::{rope_inv_freq, Config, ModelError, Result, Student};
@@ -78,12 +79,14 @@ pub(crate) struct LayerWeights {
 ///
 /// `f32` keeps the trainer's weights unrounded: scoring and soft labels agree with the training
 /// forward pass to within float rounding. `f16` halves the memory traffic and runs the same
-/// panel kernel, widening each weight in registers: the fastest format here from 8 sequences
-/// up, within a thousandth of a nat of f32. `q8_0` stores each matrix (and the output
+/// panel kernel, widening each weight in registers, within a thousandth of a nat of f32.
+/// `q4_1` holds 4-bit codes per block of 32 with a scale and a minimum (a Q4_1 GGUF's weights
+/// exactly) and multiplies them against activations rounded to 8 bits per block in integer
+/// instructions: the fastest format here from one sequence to 32, a few hundredths of a nat
+/// from f32 ([`crate::kernels::qpanel`]). `q8_0` stores each matrix (and the output
 /// projection) in llama.cpp's 8-bit blocks of 32 and quantizes each activation row the same
-/// way, as llama.cpp does: a quarter of the memory traffic per token, so a single stream
-/// decodes fastest, at a small divergence from the f32 model (README, "The inference engine").
-/// All three keep every row independent of the others, so all are batch-invariant.
+/// way, as llama.cpp does, through candle's dot products (README, "The inference engine").
+/// All keep every row independent of the others, so all are batch-invariant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 pub enum WeightFormat {
     /// f32, as in training.
@@ -100,6 +103,12 @@ pub enum WeightFormat {
     #[value(name = "f16")]
     #[serde(rename = "f16")]
     F16,
+    /// 4-bit codes with an f16 scale and minimum per block of 32 (llama.cpp's Q4_1: a Q4_1
+    /// GGUF's weights exactly) for every projection, multiplied against activations quantized
+    /// to 8 bits per block; the output projection in f16.
+    #[value(name = "q4_1")]
+    #[serde(rename = "q4_1")]
+    Q4_1,
 }
 
 impl WeightFormat {
@@ -109,12 +118,13 @@ impl WeightFormat {
             WeightFormat::F32 => "f32",
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::F16 => "f16",
+            WeightFormat::Q4_1 => "q4_1",
         }
     }
 }
 
-/// A projection matrix `(n, k)`: f32 or f16 packed into the engine's panels, or Q8_0 blocks
-/// along `k` (row-major).
+/// A projection matrix `(n, k)`: f32 or f16 packed into the engine's panels, 4-bit codes in
+/// the same panels, or Q8_0 blocks along `k` (row-major).
 #[derive(Debug, Clone)]
 pub enum Matrix {
     /// f32, packed for [`Panels::matmul`].
@@ -123,6 +133,8 @@ pub enum Matrix {
     Q8_0(Vec<BlockQ8_0>),
     /// f16, packed for [`Panels::matmul`].
     F16(Panels<f16>),
+    /// 4-bit codes, packed for [`QPanels::matmul`].
+    Q4(QPanels),
 }
 
 impl Matrix {
@@ -132,17 +144,21 @@ impl Matrix {
             Matrix::F32(p) => p.bytes(),
             Matrix::Q8_0(b) => std::mem::size_of::<BlockQ8_0>() * b.len(),
             Matrix::F16(p) => p.bytes(),
+            Matrix::Q4(p) => p.bytes(),
         }
     }
 
-    /// This matrix (rows of `k`) in `format`, from f32; other formats, and Q8_0 where `k` is
-    /// not a multiple of 32, are returned unchanged.
+    /// This matrix (rows of `k`) in `format`, from f32; other formats, and Q8_0 or Q4_1 where
+    /// `k` is not a multiple of 32, are returned unchanged.
     fn to_format(&self, format: WeightFormat, k: usize) -> Matrix {
         match (format, self) {
             (WeightFormat::Q8_0, Matrix::F32(p)) if k.is_multiple_of(32) && p.n() > 0 => {
                 Matrix::Q8_0(quantize_rows(&p.unpack(), k))
             }
             (WeightFormat::F16, Matrix::F32(p)) => Matrix::F16(Panels::pack(&p.unpack(), k)),
+            (WeightFormat::Q4_1, Matrix::F32(p)) if k.is_multiple_of(QK) => {
+                Matrix::Q4(QPanels::quantize(&p.unpack(), k))
+            }
             (_, other) => other.clone(),
         }
     }
@@ -303,7 +319,14 @@ impl Weights {
             l.gu = l.gu.to_format(format, d.hidden);
             l.down = l.down.to_format(format, d.inter);
         }
-        self.head = self.head.to_format(format, d.hidden);
+        // The output projection sets every log-probability directly, and a GGUF usually
+        // holds it in more bits than the layers (llama.cpp keeps Q8_0 or Q6_K there): 4 bits
+        // would round it further, so q4_1 keeps it in f16.
+        let head = match format {
+            WeightFormat::Q4_1 => WeightFormat::F16,
+            other => other,
+        };
+        self.head = self.head.to_format(head, d.hidden);
         self.format = format;
     }
 

@@ -177,29 +177,16 @@ impl<T: PanelElem> Panels<T> {
                     let rows = MR.min(m0 + mb - t0);
                     tile(w, xtile, rows, &mut buf);
                     for i in 0..rows {
-                        let start = (t0 + i) * n + p * NR;
-                        // SAFETY: `start + cols <= m * n = y.len()`, and this panel is the only
-                        // writer of columns `p * NR .. p * NR + cols` of every row.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(out.at(start), cols) };
-                        let dots = &buf[i * NR..i * NR + cols];
-                        match (accumulate, bias) {
-                            (false, None) => dst.copy_from_slice(dots),
-                            (false, Some(b)) => {
-                                for ((d, v), b) in dst.iter_mut().zip(dots).zip(b) {
-                                    *d = v + b;
-                                }
-                            }
-                            (true, None) => {
-                                for (d, v) in dst.iter_mut().zip(dots) {
-                                    *d += v;
-                                }
-                            }
-                            (true, Some(b)) => {
-                                for ((d, v), b) in dst.iter_mut().zip(dots).zip(b) {
-                                    *d = (*d + v) + b;
-                                }
-                            }
-                        }
+                        // SAFETY: row `t0 + i < m` and columns `p * NR .. p * NR + cols` lie
+                        // within `y`, and this panel is their only writer.
+                        unsafe {
+                            out.write(
+                                (t0 + i) * n + p * NR,
+                                &buf[i * NR..i * NR + cols],
+                                bias,
+                                accumulate,
+                            )
+                        };
                     }
                 }
             });
@@ -225,14 +212,43 @@ fn pack_rows(x: &[f32], k: usize, out: &mut Vec<[f32; MR]>) {
 
 /// The output buffer shared by the panel tasks, each writing its own columns.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: the tasks write disjoint columns of the buffer (see `Panels::matmul`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY (of the caller's use): `i` is within the buffer.
-        self.0.wrapping_add(i)
+    /// Stores `dots` at `start..start + dots.len()`: `(y +) dot + bias`, as [`Panels::matmul`]
+    /// documents.
+    ///
+    /// # Safety
+    /// The range lies within the buffer and no other thread touches it meanwhile.
+    pub(crate) unsafe fn write(
+        self,
+        start: usize,
+        dots: &[f32],
+        bias: Option<&[f32]>,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        let dst = unsafe { std::slice::from_raw_parts_mut(self.0.add(start), dots.len()) };
+        match (accumulate, bias) {
+            (false, None) => dst.copy_from_slice(dots),
+            (false, Some(b)) => {
+                for ((d, v), b) in dst.iter_mut().zip(dots).zip(b) {
+                    *d = v + b;
+                }
+            }
+            (true, None) => {
+                for (d, v) in dst.iter_mut().zip(dots) {
+                    *d += v;
+                }
+            }
+            (true, Some(b)) => {
+                for ((d, v), b) in dst.iter_mut().zip(dots).zip(b) {
+                    *d = (*d + v) + b;
+                }
+            }
+        }
     }
 }
 
