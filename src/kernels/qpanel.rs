@@ -56,8 +56,8 @@ pub struct QBlock {
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(32))]
 struct XBlock {
-    /// Step `s`, row `r`: the row's four codes at `k = 4 s ..`, as the bytes of an `i32`.
-    q: [[i32; MR]; STEPS],
+    /// Row `r`, step `s`: the row's four codes at `k = 4 s ..`, as the bytes of an `i32`.
+    q: [[i32; STEPS]; MR],
     /// Each row's scale `dx`.
     d: [f32; MR],
     /// Each row's `dx * sum(xq)`.
@@ -217,30 +217,94 @@ impl QPanels {
 /// [`MR`] rows: tile `t` is `out[t * k / QK .. (t + 1) * k / QK]`; rows past the end are zeros.
 fn quantize_rows(x: &[f32], k: usize, out: &mut Vec<XBlock>) {
     let (m, kb) = (x.len() / k, k / QK);
-    out.clear();
-    out.resize(m.div_ceil(MR) * kb, XBlock::default());
-    out.par_chunks_mut(kb).enumerate().for_each(|(t, tile)| {
-        for r in 0..MR.min(m - t * MR) {
-            let row = &x[(t * MR + r) * k..(t * MR + r + 1) * k];
-            for (blk, v) in tile.iter_mut().zip(row.chunks_exact(QK)) {
-                let amax = v.iter().fold(0f32, |a, x| a.max(x.abs()));
-                let d = amax / 127.0;
-                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let mut sum = 0i32;
-                for (s, four) in v.chunks_exact(4).enumerate() {
-                    let mut bytes = [0u8; 4];
-                    for (b, &x) in bytes.iter_mut().zip(four) {
-                        let c = (x * id).round().clamp(-127.0, 127.0) as i8;
-                        sum += c as i32;
-                        *b = c as u8;
-                    }
-                    blk.q[s][r] = i32::from_le_bytes(bytes);
-                }
+    let block = block_fn();
+    // Each block built once and moved into place: no pass to zero the buffer first.
+    (0..m.div_ceil(MR) * kb)
+        .into_par_iter()
+        .map(|i| {
+            let (t, b) = (i / kb, i % kb);
+            let mut blk = XBlock::default();
+            for r in 0..MR.min(m - t * MR) {
+                let at = (t * MR + r) * k + b * QK;
+                let v = x[at..at + QK].try_into().expect("a block");
+                let (d, sum) = block(v, &mut blk.q[r]);
                 blk.d[r] = d;
                 blk.s[r] = d * sum as f32;
             }
+            blk
+        })
+        .collect_into_vec(out);
+}
+
+/// Rounds one block of activations to codes `round(x / d)`, `d = max |x| / 127`, ties to
+/// even, the codes as the bytes of `STEPS` `i32`s; returns `d` and the codes' sum.
+type BlockFn = fn(&[f32; QK], &mut [i32; STEPS]) -> (f32, i32);
+
+/// The fastest block quantizer this CPU runs.
+fn block_fn() -> BlockFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present.
+        return |v, q| unsafe { quantize_block_avx2(v, q) };
+    }
+    quantize_block_portable
+}
+
+/// The scale of a block whose largest magnitude is `amax`, and its reciprocal (0 for an
+/// all-zero block).
+fn act_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+fn quantize_block_portable(v: &[f32; QK], q: &mut [i32; STEPS]) -> (f32, i32) {
+    let (d, id) = act_scale(v.iter().fold(0f32, |a, x| a.max(x.abs())));
+    let mut sum = 0i32;
+    for (q, four) in q.iter_mut().zip(v.chunks_exact(4)) {
+        let mut bytes = [0u8; 4];
+        for (b, &x) in bytes.iter_mut().zip(four) {
+            let c = (x * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+            sum += i32::from(c);
+            *b = c as u8;
         }
-    });
+        *q = i32::from_le_bytes(bytes);
+    }
+    (d, sum)
+}
+
+/// [`quantize_block_portable`] in vectors: `vcvtps2dq` rounds ties to even, as the portable
+/// path does, so both give the same codes.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(v: &[f32; QK], q: &mut [i32; STEPS]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    use std::mem::transmute;
+    let v = transmute::<[f32; QK], [[f32; 8]; 4]>(*v).map(|a| transmute::<[f32; 8], __m256>(a));
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = v.map(|a| _mm256_andnot_ps(sign, a));
+    let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    let (d, id) = act_scale(_mm_cvtss_f32(m));
+    let idv = _mm256_set1_ps(id);
+    let c = v.map(|a| _mm256_cvtps_epi32(_mm256_mul_ps(a, idv)));
+    // Every code is within -127..=127, so the saturating packs keep it; they interleave the
+    // 128-bit lanes, which the permute puts back in order.
+    let w = _mm256_packs_epi16(
+        _mm256_packs_epi32(c[0], c[1]),
+        _mm256_packs_epi32(c[2], c[3]),
+    );
+    let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    *q = transmute::<__m256i, [i32; STEPS]>(w);
+    let s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    (d, _mm_cvtsi128_si32(s))
 }
 
 /// A micro-tile: the first `rows <= MR` rows of a quantized tile against one panel, into
@@ -266,7 +330,7 @@ fn tile_portable(w: &[QBlock], x: &[XBlock], rows: usize, out: &mut [f32; MR * N
                 let (byte, shift) = ((i % 8) * 4, if i < 8 { 0 } else { 4 });
                 let mut dot = 0i32;
                 for s in 0..STEPS {
-                    let xs = xb.q[s][r].to_le_bytes();
+                    let xs = xb.q[r][s].to_le_bytes();
                     for (j, &xc) in xs.iter().enumerate() {
                         let q = (wb.q[s][byte + j] >> shift) & 0x0f;
                         dot += q as i32 * xc as i8 as i32;
@@ -326,7 +390,7 @@ unsafe fn tile_rows<const R: usize>(w: &[QBlock], x: &[XBlock], out: &mut [f32; 
                 let w0 = _mm256_and_si256(v, nibble);
                 let w1 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibble);
                 for r in 0..R {
-                    let xv = _mm256_set1_epi32(xb.q[s][r]);
+                    let xv = _mm256_set1_epi32(xb.q[r][s]);
                     ilo[r] = _mm256_add_epi16(ilo[r], _mm256_maddubs_epi16(w0, xv));
                     ihi[r] = _mm256_add_epi16(ihi[r], _mm256_maddubs_epi16(w1, xv));
                 }
@@ -390,7 +454,7 @@ mod tests {
                 for (b, xb) in xt.iter().enumerate() {
                     let (mut dot, mut sum) = (0i32, 0i32);
                     for kk in 0..QK {
-                        let xc = xb.q[kk / 4][0].to_le_bytes()[kk % 4] as i8 as i32;
+                        let xc = xb.q[0][kk / 4].to_le_bytes()[kk % 4] as i8 as i32;
                         dot += p.code(j, b * QK + kk).0 as i32 * xc;
                         sum += xc;
                     }
@@ -462,6 +526,23 @@ mod tests {
             tile_portable(&p.blocks, &xt, rows, &mut a);
             tile_fn()(&p.blocks, &xt, rows, &mut b);
             assert_eq!(a[..rows * NR], b[..rows * NR], "rows = {rows}");
+        }
+    }
+
+    #[test]
+    fn the_vector_block_quantizer_gives_the_portable_codes() {
+        let mut v = uniform(QK * 64, 27);
+        // An all-zero block, and a block of ties (its scale is 1).
+        v[QK..2 * QK].fill(0.0);
+        for (j, x) in v[2 * QK..3 * QK].iter_mut().enumerate() {
+            *x = if j == 0 { -127.0 } else { j as f32 - 16.5 };
+        }
+        for (i, blk) in v.chunks_exact(QK).enumerate() {
+            let blk: &[f32; QK] = blk.try_into().unwrap();
+            let (mut a, mut b) = ([0i32; STEPS], [0i32; STEPS]);
+            let pa = quantize_block_portable(blk, &mut a);
+            let pb = block_fn()(blk, &mut b);
+            assert_eq!((pa, a), (pb, b), "block {i}");
         }
     }
 
