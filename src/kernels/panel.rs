@@ -23,6 +23,8 @@ pub const NR: usize = 16;
 const MR: usize = 6;
 /// Activation rows per cache block: the block stays in L2 while every panel passes over it.
 const MC: usize = 48;
+/// The most activation rows a micro-tile of any packed format takes.
+const MAX_MR: usize = 6;
 
 /// One `k` step of a panel: the [`NR`] weights of its rows at that `k`, aligned so that the
 /// kernel loads them as whole vectors.
@@ -154,43 +156,88 @@ impl<T: PanelElem> Panels<T> {
     /// `y (m x n) = x (m x k) W^T`, plus `y` when `accumulate`, plus `bias`; `m` is
     /// `x.len() / k`. Each output is `(y +) dot + bias`, the dot computed as the module docs say.
     pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
-        let (n, k) = (self.n, self.k);
-        assert!(x.len().is_multiple_of(k), "matmul: x is not rows of {k}");
-        let m = x.len() / k;
-        assert_eq!(y.len(), m * n, "matmul: y is not {m} x {n}");
-        if let Some(b) = bias {
-            assert_eq!(b.len(), n, "matmul: bias is not {n} wide");
-        }
         let tile = tile_fn::<T>();
-        let out = OutPtr(y.as_mut_ptr());
-        let mut xt = Vec::new();
-        for m0 in (0..m).step_by(MC) {
-            let mb = MC.min(m - m0);
-            pack_rows(&x[m0 * k..(m0 + mb) * k], k, &mut xt);
-            let xt = &xt;
-            self.rows.par_chunks(k).enumerate().for_each(|(p, w)| {
-                let cols = NR.min(n - p * NR);
-                let bias = bias.map(|b| &b[p * NR..p * NR + cols]);
-                let mut buf = [0f32; MR * NR];
-                for (t, xtile) in xt.chunks(k).enumerate() {
-                    let t0 = m0 + t * MR;
-                    let rows = MR.min(m0 + mb - t0);
-                    tile(w, xtile, rows, &mut buf);
-                    for i in 0..rows {
-                        // SAFETY: row `t0 + i < m` and columns `p * NR .. p * NR + cols` lie
-                        // within `y`, and this panel is their only writer.
-                        unsafe {
-                            out.write(
-                                (t0 + i) * n + p * NR,
-                                &buf[i * NR..i * NR + cols],
-                                bias,
-                                accumulate,
-                            )
-                        };
-                    }
+        drive(
+            &self.rows,
+            (self.n, self.k),
+            MR,
+            Operands {
+                x,
+                bias,
+                y,
+                accumulate,
+            },
+            |x, out| pack_rows(x, self.k, out),
+            |w, x, rows, buf| tile(w, x, rows, buf.try_into().expect("a tile")),
+        );
+    }
+}
+
+/// The operands of a product against packed weights: `y (m x n) = x (m x k) W^T`, plus `y`
+/// when `accumulate`, plus `bias`.
+pub(crate) struct Operands<'a> {
+    pub x: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub y: &'a mut [f32],
+    pub accumulate: bool,
+}
+
+/// The loop every packed format shares. `w` holds the `(n, k)` matrix as panels of [`NR`]
+/// rows, each the same number of items; `layout` lays out one cache block of [`MC`] activation
+/// rows as tiles of `mr` rows, a tile holding as many items as a panel; then on the rayon pool
+/// every panel runs against every tile through `tile(panel, tile, rows, out)`, which fills
+/// `rows x NR` dots into `out`, and writes its own columns of `y`.
+pub(crate) fn drive<W: Sync, X: Send + Sync>(
+    w: &[W],
+    (n, k): (usize, usize),
+    mr: usize,
+    ops: Operands<'_>,
+    layout: impl Fn(&[f32], &mut Vec<X>),
+    tile: impl Fn(&[W], &[X], usize, &mut [f32]) + Sync,
+) {
+    let Operands {
+        x,
+        bias,
+        y,
+        accumulate,
+    } = ops;
+    assert!(x.len().is_multiple_of(k), "matmul: x is not rows of {k}");
+    let m = x.len() / k;
+    assert_eq!(y.len(), m * n, "matmul: y is not {m} x {n}");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "matmul: bias is not {n} wide");
+    }
+    let per_panel = w.len() / n.div_ceil(NR).max(1);
+    let out = OutPtr(y.as_mut_ptr());
+    let mut xt = Vec::new();
+    assert!(mr <= MAX_MR, "drive: tiles of {mr} rows");
+    for m0 in (0..m).step_by(MC) {
+        let mb = MC.min(m - m0);
+        layout(&x[m0 * k..(m0 + mb) * k], &mut xt);
+        let xt = &xt;
+        w.par_chunks(per_panel).enumerate().for_each(|(p, w)| {
+            let cols = NR.min(n - p * NR);
+            let bias = bias.map(|b| &b[p * NR..p * NR + cols]);
+            let mut buf = [0f32; MAX_MR * NR];
+            let buf = &mut buf[..mr * NR];
+            for (t, xtile) in xt.chunks(per_panel).enumerate() {
+                let t0 = m0 + t * mr;
+                let rows = mr.min(m0 + mb - t0);
+                tile(w, xtile, rows, buf);
+                for i in 0..rows {
+                    // SAFETY: row `t0 + i < m` and columns `p * NR .. p * NR + cols` lie
+                    // within `y`, and this panel is their only writer.
+                    unsafe {
+                        out.write(
+                            (t0 + i) * n + p * NR,
+                            &buf[i * NR..i * NR + cols],
+                            bias,
+                            accumulate,
+                        )
+                    };
                 }
-            });
-        }
+            }
+        });
     }
 }
 
@@ -212,7 +259,7 @@ fn pack_rows(x: &[f32], k: usize, out: &mut Vec<[f32; MR]>) {
 
 /// The output buffer shared by the panel tasks, each writing its own columns.
 #[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
+struct OutPtr(*mut f32);
 // SAFETY: the tasks write disjoint columns of the buffer (see `Panels::matmul`).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -222,13 +269,7 @@ impl OutPtr {
     ///
     /// # Safety
     /// The range lies within the buffer and no other thread touches it meanwhile.
-    pub(crate) unsafe fn write(
-        self,
-        start: usize,
-        dots: &[f32],
-        bias: Option<&[f32]>,
-        accumulate: bool,
-    ) {
+    unsafe fn write(self, start: usize, dots: &[f32], bias: Option<&[f32]>, accumulate: bool) {
         // SAFETY: the caller's contract.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.0.add(start), dots.len()) };
         match (accumulate, bias) {
@@ -348,6 +389,29 @@ pub(crate) fn uniform(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
+/// Checks a product of `(n, k)` weights against `reference` for batches of each size in `ms`
+/// (operands seeded from `seed`), and that each row alone gives the bits it gets in a batch.
+#[cfg(test)]
+pub(crate) fn check_rows(
+    (n, k): (usize, usize),
+    ms: &[usize],
+    seed: u64,
+    matmul: impl Fn(&[f32], &mut [f32]),
+    reference: impl Fn(&[f32]) -> Vec<f32>,
+) {
+    for &m in ms {
+        let x = uniform(m * k, m as u64 + seed);
+        let mut y = vec![0f32; m * n];
+        matmul(&x, &mut y);
+        assert_eq!(y, reference(&x), "m = {m}");
+        for i in [0, m / 2, m - 1] {
+            let mut one = vec![0f32; n];
+            matmul(&x[i * k..(i + 1) * k], &mut one);
+            assert_eq!(one, y[i * n..(i + 1) * n], "row {i} of {m}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,18 +438,13 @@ mod tests {
         let (n, k) = (37, 29);
         let w = uniform(n * k, 1);
         let p = Panels::<T>::pack(&w, k);
-        for m in [1, 5, 6, 7, 50, 97] {
-            let x = uniform(m * k, m as u64 + 7);
-            let mut y = vec![0f32; m * n];
-            p.matmul(&x, None, &mut y, false);
-            assert_eq!(y, reference(&p, &x), "m = {m}");
-            // Batch invariance: each row alone gives the same bits.
-            for i in [0, m / 2, m - 1] {
-                let mut one = vec![0f32; n];
-                p.matmul(&x[i * k..(i + 1) * k], None, &mut one, false);
-                assert_eq!(one, y[i * n..(i + 1) * n], "row {i} of {m}");
-            }
-        }
+        check_rows(
+            (n, k),
+            &[1, 5, 6, 7, 50, 97],
+            7,
+            |x, y| p.matmul(x, None, y, false),
+            |x| reference(&p, x),
+        );
     }
 
     #[test]

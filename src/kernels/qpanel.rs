@@ -27,7 +27,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::panel::{OutPtr, NR};
+use super::panel::{drive, Operands, NR};
 
 /// Weights per block along `k`, each with its own scale and minimum.
 pub const QK: usize = 32;
@@ -36,8 +36,6 @@ const STEPS: usize = QK / 4;
 /// Activation rows per micro-tile (eight 16-bit accumulators, two weight vectors, a
 /// broadcast and the nibble mask stay in registers).
 const MR: usize = 4;
-/// Activation rows per cache block.
-const MC: usize = 48;
 
 /// One block of [`QK`] along `k` for one panel of [`NR`] output rows.
 #[derive(Debug, Clone, Copy)]
@@ -172,44 +170,20 @@ impl QPanels {
     /// `y (m x n) = x (m x k) W^T`, plus `y` when `accumulate`, plus `bias`; `m` is
     /// `x.len() / k`. Each output is `(y +) dot + bias`, the dot computed as the module docs say.
     pub fn matmul(&self, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
-        let (n, k) = (self.n, self.k);
-        assert!(x.len().is_multiple_of(k), "matmul: x is not rows of {k}");
-        let m = x.len() / k;
-        assert_eq!(y.len(), m * n, "matmul: y is not {m} x {n}");
-        if let Some(b) = bias {
-            assert_eq!(b.len(), n, "matmul: bias is not {n} wide");
-        }
-        let kb = k / QK;
         let tile = tile_fn();
-        let out = OutPtr(y.as_mut_ptr());
-        let mut xt = Vec::new();
-        for m0 in (0..m).step_by(MC) {
-            let mb = MC.min(m - m0);
-            quantize_rows(&x[m0 * k..(m0 + mb) * k], k, &mut xt);
-            let xt = &xt;
-            self.blocks.par_chunks(kb).enumerate().for_each(|(p, w)| {
-                let cols = NR.min(n - p * NR);
-                let bias = bias.map(|b| &b[p * NR..p * NR + cols]);
-                let mut buf = [0f32; MR * NR];
-                for (t, xtile) in xt.chunks(kb).enumerate() {
-                    let t0 = m0 + t * MR;
-                    let rows = MR.min(m0 + mb - t0);
-                    tile(w, xtile, rows, &mut buf);
-                    for i in 0..rows {
-                        // SAFETY: row `t0 + i < m` and columns `p * NR .. p * NR + cols` lie
-                        // within `y`, and this panel is their only writer.
-                        unsafe {
-                            out.write(
-                                (t0 + i) * n + p * NR,
-                                &buf[i * NR..i * NR + cols],
-                                bias,
-                                accumulate,
-                            )
-                        };
-                    }
-                }
-            });
-        }
+        drive(
+            &self.blocks,
+            (self.n, self.k),
+            MR,
+            Operands {
+                x,
+                bias,
+                y,
+                accumulate,
+            },
+            |x, out| quantize_rows(x, self.k, out),
+            |w, x, rows, buf| tile(w, x, rows, buf.try_into().expect("a tile")),
+        );
     }
 }
 
@@ -439,7 +413,7 @@ unsafe fn tile_rows<const R: usize>(w: &[QBlock], x: &[XBlock], out: &mut [f32; 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::panel::uniform;
+    use crate::kernels::panel::{check_rows, uniform};
 
     /// Each output by the module's definition, row by row, from the codes.
     fn reference(p: &QPanels, x: &[f32]) -> Vec<f32> {
@@ -501,17 +475,13 @@ mod tests {
     fn products_follow_the_definition_and_are_batch_invariant() {
         let (n, k) = (37, 96);
         let p = QPanels::quantize(&uniform(n * k, 22), k);
-        for m in [1, 3, 4, 5, 50, 97] {
-            let x = uniform(m * k, m as u64 + 30);
-            let mut y = vec![0f32; m * n];
-            p.matmul(&x, None, &mut y, false);
-            assert_eq!(y, reference(&p, &x), "m = {m}");
-            for i in [0, m / 2, m - 1] {
-                let mut one = vec![0f32; n];
-                p.matmul(&x[i * k..(i + 1) * k], None, &mut one, false);
-                assert_eq!(one, y[i * n..(i + 1) * n], "row {i} of {m}");
-            }
-        }
+        check_rows(
+            (n, k),
+            &[1, 3, 4, 5, 50, 97],
+            30,
+            |x, y| p.matmul(x, None, y, false),
+            |x| reference(&p, x),
+        );
     }
 
     #[test]
