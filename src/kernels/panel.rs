@@ -207,7 +207,10 @@ pub(crate) fn drive<W: Sync, X: Send + Sync>(
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "matmul: bias is not {n} wide");
     }
-    let per_panel = w.len() / n.div_ceil(NR).max(1);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let per_panel = w.len() / n.div_ceil(NR);
     let out = OutPtr(y.as_mut_ptr());
     let mut xt = Vec::new();
     assert!(mr <= MAX_MR, "drive: tiles of {mr} rows");
@@ -451,6 +454,16 @@ mod tests {
     fn panels_match_a_fused_chain_per_output_and_are_batch_invariant() {
         check::<f32>();
         check::<f16>();
+    }
+
+    #[test]
+    fn empty_products_write_nothing() {
+        let x = uniform(2 * 32, 12);
+        Panels::<f16>::pack(&[], 32).matmul(&x, None, &mut [], false);
+        crate::kernels::qpanel::QPanels::quantize(&[], 32).matmul(&x, None, &mut [], false);
+        let mut y = vec![0f32; 0];
+        Panels::<f32>::pack(&uniform(3 * 32, 13), 32).matmul(&[], None, &mut y, false);
+        assert!(y.is_empty());
     }
 
     #[test]
