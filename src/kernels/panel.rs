@@ -207,13 +207,13 @@ pub(crate) fn drive<W: Sync, X: Send + Sync>(
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "matmul: bias is not {n} wide");
     }
+    assert!(mr <= MAX_MR, "drive: tiles of {mr} rows");
     if m == 0 || n == 0 {
         return;
     }
     let per_panel = w.len() / n.div_ceil(NR);
     let out = OutPtr(y.as_mut_ptr());
     let mut xt = Vec::new();
-    assert!(mr <= MAX_MR, "drive: tiles of {mr} rows");
     for m0 in (0..m).step_by(MC) {
         let mb = MC.min(m - m0);
         layout(&x[m0 * k..(m0 + mb) * k], &mut xt);

@@ -50,6 +50,20 @@ pub struct QBlock {
     m: [f32; NR],
 }
 
+impl QBlock {
+    /// Where row `i`'s codes sit in every step: the offset of its four bytes, and the shift of
+    /// its nibble within them.
+    fn slot(i: usize) -> (usize, u32) {
+        ((i % 8) * 4, if i < 8 { 0 } else { 4 })
+    }
+
+    /// Row `i`'s code at `kk` within the block.
+    fn code(&self, i: usize, kk: usize) -> u8 {
+        let (byte, shift) = Self::slot(i);
+        (self.q[kk / 4][byte + kk % 4] >> shift) & 0x0f
+    }
+}
+
 /// One block of [`QK`] along `k` for a tile of [`MR`] activation rows.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(32))]
@@ -115,7 +129,7 @@ impl QPanels {
                         let (d, m) = quantize_block(&row[b * QK..(b + 1) * QK], &mut codes);
                         blk.d[i] = d;
                         blk.m[i] = m;
-                        let (byte, shift) = ((i % 8) * 4, if i < 8 { 0 } else { 4 });
+                        let (byte, shift) = QBlock::slot(i);
                         for (kk, &c) in codes.iter().enumerate() {
                             blk.q[kk / 4][byte + kk % 4] |= c << shift;
                         }
@@ -144,9 +158,7 @@ impl QPanels {
     fn code(&self, row: usize, kk: usize) -> (u8, f32, f32) {
         let blk = &self.blocks[(row / NR) * (self.k / QK) + kk / QK];
         let i = row % NR;
-        let byte = blk.q[(kk % QK) / 4][(i % 8) * 4 + kk % 4];
-        let q = if i < 8 { byte & 0x0f } else { byte >> 4 };
-        (q, blk.d[i], blk.m[i])
+        (blk.code(i, kk % QK), blk.d[i], blk.m[i])
     }
 
     /// The weight at `(row, kk)`: `q d + m`, as llama.cpp's Q4_1 dequantizes it.
@@ -301,13 +313,11 @@ fn tile_portable(w: &[QBlock], x: &[XBlock], rows: usize, out: &mut [f32; MR * N
         acc.iter_mut().for_each(|a| *a = 0.0);
         for (wb, xb) in w.iter().zip(x) {
             for (i, a) in acc.iter_mut().enumerate() {
-                let (byte, shift) = ((i % 8) * 4, if i < 8 { 0 } else { 4 });
                 let mut dot = 0i32;
                 for s in 0..STEPS {
                     let xs = xb.q[r][s].to_le_bytes();
                     for (j, &xc) in xs.iter().enumerate() {
-                        let q = (wb.q[s][byte + j] >> shift) & 0x0f;
-                        dot += q as i32 * xc as i8 as i32;
+                        dot += wb.code(i, 4 * s + j) as i32 * xc as i8 as i32;
                     }
                 }
                 *a = (dot as f32).mul_add(wb.d[i] * xb.d[r], *a);
